@@ -1,0 +1,28 @@
+"""Build script: maps kernels/ to fastdpo.kernels and builds the optional C++ pack planner."""
+
+import os
+
+from setuptools import setup
+
+ext_modules = []
+if os.environ.get("FASTDPO_NO_EXT", "0") != "1":
+    try:
+        from pybind11.setup_helpers import Pybind11Extension
+
+        ext_modules.append(
+            Pybind11Extension(
+                "fastdpo._C",
+                ["csrc/pack_planner.cpp"],
+                cxx_std=17,
+                extra_compile_args=["-O3"],
+                optional=True,
+            )
+        )
+    except ImportError:  # pybind11 missing: the numpy planner takes over, with identical output
+        pass
+
+setup(
+    packages=["fastdpo", "fastdpo.ops", "fastdpo.integrations", "fastdpo.kernels"],
+    package_dir={"fastdpo": "fastdpo", "fastdpo.kernels": "kernels"},
+    ext_modules=ext_modules,
+)
