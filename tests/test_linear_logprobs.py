@@ -251,3 +251,26 @@ def test_gpu_real_shapes(d, v, softcap, dtype):
     _check(
         "triton", dtype, (1023,), d, v, softcap=softcap, filter_eps="auto" if dtype != torch.float32 else None
     )
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_long_sequence_rows_match_float64():
+    """64k tokens (N*V past 2^31): the first and last rows' values and dhidden match float64."""
+    if _INTERPRET:
+        pytest.skip("real shapes run on the GPU only")
+    n, d, v = 65536, 4096, 128256
+    hidden, weight, _, targets = _make((n,), d, v, torch.bfloat16, "cuda", ignore_frac=0.1)
+    hidden.requires_grad_()
+    out = linear_logprobs(hidden, weight, targets, backend="triton", filter_eps=None)
+    out.sum().backward()
+    for rows in (slice(0, 256), slice(n - 256, n)):
+        h64 = hidden[rows].detach().double().requires_grad_()
+        ref = linear_logprobs_reference(h64, weight.double(), targets[rows])
+        ref.sum().backward()
+        plain_h = hidden[rows].detach().clone().requires_grad_()
+        plain = linear_logprobs_reference(plain_h, weight, targets[rows])
+        plain.sum().backward()
+        assert (out[rows].double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max() + 1e-6
+        dh_err = (hidden.grad[rows].double() - h64.grad).abs().max()
+        assert dh_err <= 2 * (plain_h.grad.double() - h64.grad).abs().max() + 1e-6

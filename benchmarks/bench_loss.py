@@ -1,0 +1,199 @@
+"""DPO loss benchmark: one step's loss computation from final hidden states (sigmoid DPO).
+
+Measured per provider: the policy's forward and backward plus the reference's forward (no grad), median
+time and peak memory. Every provider's loss and dhidden are first checked against float64 on a reduced
+copy of the batch (the first tokens of every sequence).
+
+  naive     full logits, log_softmax, gather, sequence sums, -logsigmoid (plain PyTorch)
+  trl       TRL 1.16's fused-head path: ChunkedLogProbFunction log-probs, then TRL's sigmoid loss
+  liger     Liger-Kernel's LigerFusedLinearDPOLoss (use_ref_model=True)
+  fastdpo   fastdpo.FusedLinearDPOLoss (reference hidden states scored inside the same call)
+
+GPU:  python benchmarks/bench_loss.py --csv out/loss.csv        (B=4 pairs x 4096 tokens, Llama-3-8B head)
+CPU:  python benchmarks/bench_loss.py                           (reduced mode)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+PROVIDERS = ["naive", "trl", "liger", "fastdpo"]
+BETA = 0.1
+
+
+def _seq_logps_naive(h, w, labels):
+    logits = (h @ w.T).float()
+    mask = labels != -100
+    logp = logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return (logp * mask).sum(-1)
+
+
+def _sigmoid_dpo(pol, ref):
+    pc, pr = pol.chunk(2)
+    rc, rr = ref.chunk(2)
+    return -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()
+
+
+def make_provider(name: str) -> Callable:
+    """Returns ``f(hidden, ref_hidden, weight, labels) -> scalar loss`` (differentiable in hidden, weight)."""
+    if name == "naive":
+
+        def naive(h, rh, w, labels):
+            with torch.no_grad():
+                ref = _seq_logps_naive(rh, w, labels)
+            return _sigmoid_dpo(_seq_logps_naive(h, w, labels), ref)
+
+        return naive
+    if name == "trl":
+        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+        def seq_logps(h, w, labels):
+            mask = labels != -100
+            tok = ChunkedLogProbFunction.apply(h[mask], w, None, labels[mask], 1.0, 32768, None, 1.0, ())[0]
+            full = torch.zeros(labels.shape, device=h.device, dtype=tok.dtype).masked_scatter(mask, tok)
+            return full.sum(-1)
+
+        def trl(h, rh, w, labels):
+            with torch.no_grad():
+                ref = seq_logps(rh, w, labels)
+            return _sigmoid_dpo(seq_logps(h, w, labels), ref)
+
+        return trl
+    if name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
+
+        loss = LigerFusedLinearDPOLoss(beta=BETA, compute_nll_loss=False, use_ref_model=True)
+        return lambda h, rh, w, labels: loss(w, h, labels, None, rh, w, None)[0]
+    if name == "fastdpo":
+        from fastdpo import FusedLinearDPOLoss
+
+        loss = FusedLinearDPOLoss(beta=BETA)
+        return lambda h, rh, w, labels: loss(h, w, labels, ref_hidden=rh).loss
+    raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
+
+
+def _batch(pairs, seq, d, v, dtype, device, prompt_frac=0.25, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = (torch.randn(2 * pairs, seq, d, generator=g) * 1.5).to(device, dtype).requires_grad_()
+    rh = (h.detach() + 0.05 * torch.randn(h.shape, generator=g).to(device, dtype)).contiguous()
+    w = (torch.randn(v, d, generator=g) / d**0.5 * 2.0).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, v, (2 * pairs, seq), generator=g).to(device)
+    labels[:, : int(seq * prompt_frac)] = -100
+    return h, rh, w, labels
+
+
+def check_provider(fn, h, rh, w, labels, tokens: int = 128) -> tuple[float, float]:
+    """|loss - ref| and max |dhidden - ref| on the first ``tokens`` of every sequence, against float64."""
+    hs = h[:, :tokens].detach().clone().requires_grad_()
+    ws = w.detach()
+    loss = fn(hs, rh[:, :tokens].contiguous(), ws, labels[:, :tokens].contiguous())
+    loss.backward()
+    h64 = hs.detach().double().requires_grad_()
+    w64 = ws.double()
+    with torch.no_grad():
+        ref_ref = _seq_logps_naive(rh[:, :tokens].double(), w64, labels[:, :tokens])
+    ref = _sigmoid_dpo(_seq_logps_naive(h64, w64, labels[:, :tokens]), ref_ref)
+    ref.backward()
+    return abs(loss.item() - ref.item()), (hs.grad.double() - h64.grad).abs().max().item()
+
+
+def _median_ms(fn, device, reps):
+    times = []
+    for i in range(reps + 2):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_one(name, pairs, seq, d, v, dtype, device, reps) -> dict:
+    h, rh, w, labels = _batch(pairs, seq, d, v, dtype, device)
+    fn = make_provider(name)
+    row = dict(provider=name, pairs=pairs, seq=seq, hidden=d, vocab=v, dtype=str(dtype)[6:])
+    row["loss_err"], row["dh_err"] = check_provider(fn, h, rh, w, labels)
+
+    def step():
+        h.grad = None
+        w.grad = None
+        fn(h, rh, w, labels).backward()
+
+    row["step_ms"] = _median_ms(step, device, reps)
+    if device == "cuda":
+        h.grad = None
+        w.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn(h, rh, w, labels).backward()
+        torch.cuda.synchronize()
+        row["peak_extra_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2**20, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=None, help="B (default 4 on GPU, 2 on CPU)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 4096 on GPU)")
+    p.add_argument("--hidden", type=int, default=None, help="D (default 4096 on GPU)")
+    p.add_argument("--vocab", type=int, default=None, help="V (default 128256 on GPU)")
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--csv", help="write the rows as CSV here")
+    args = p.parse_args(argv)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = device == "cuda"
+    pairs = args.pairs or (4 if gpu else 2)
+    seq = args.seq or (4096 if gpu else 256)
+    d = args.hidden or (4096 if gpu else 128)
+    v = args.vocab or (128256 if gpu else 4096)
+    dtype = getattr(torch, args.dtype)
+    if not gpu:
+        print("CPU reduced mode: small shapes, fp32, torch backend; GPU numbers need a GPU.")
+        dtype = torch.float32
+        args.reps = min(args.reps, 3)
+    wanted = [x for x in args.providers.split(",") if x]
+    unknown = sorted(set(wanted) - set(PROVIDERS))
+    if unknown:
+        p.error(f"unknown providers {unknown}; expected some of {PROVIDERS}")
+    rows = []
+    for name in wanted:
+        try:
+            row = bench_one(name, pairs, seq, d, v, dtype, device, args.reps)
+        except ImportError as exc:
+            print(f"skipped {name}: {exc}")
+            continue
+        except torch.OutOfMemoryError:
+            row = dict(provider=name, pairs=pairs, seq=seq, hidden=d, vocab=v, error="OOM")
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in row.items()),
+            flush=True,
+        )
+    if args.csv:
+        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
