@@ -118,7 +118,7 @@ def _median_ms(fn: Callable, device: str, reps: int, setup: Callable | None = No
 
 
 def check_provider(fn, h, w, t, softcap, rows: int = 256) -> tuple[float, float]:
-    """Max |error| of logp and dhidden on the first rows, against float64 (dh of a row depends on it alone)."""
+    """Max abs error of logp and dhidden on the first rows vs float64 (a row's dh depends on it alone)."""
     from fastdpo.reference import linear_logprobs_reference
 
     hs = h[:rows].detach().clone().requires_grad_()
