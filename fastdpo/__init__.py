@@ -1,7 +1,16 @@
 """fastdpo: fast, memory-lean DPO. Fused lm_head log-probs, fused preference losses, a packed trainer."""
 
+from fastdpo.losses import FusedLinearDPOLoss, PreferenceLossOutput, fused_linear_dpo_loss, sequence_logps
 from fastdpo.ops.linear_logprobs import linear_logprobs
+from fastdpo.packing import PackedBatch
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_logprobs"]
+__all__ = [
+    "FusedLinearDPOLoss",
+    "PackedBatch",
+    "PreferenceLossOutput",
+    "fused_linear_dpo_loss",
+    "linear_logprobs",
+    "sequence_logps",
+]
