@@ -1,0 +1,1 @@
+"""Integrations with training frameworks; ``fastdpo.integrations.trl`` holds ``FastDPOTrainer`` (TRL 1.16)."""
