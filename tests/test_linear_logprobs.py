@@ -274,3 +274,8 @@ def test_gpu_long_sequence_rows_match_float64():
         assert (out[rows].double() - ref).abs().max() <= 2 * (plain.double() - ref).abs().max() + 1e-6
         dh_err = (hidden.grad[rows].double() - h64.grad).abs().max()
         assert dh_err <= 2 * (plain_h.grad.double() - h64.grad).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_vocab_over_64k(backend):
+    _check(backend, torch.float32, (7,), 24, 70001, bias=True)

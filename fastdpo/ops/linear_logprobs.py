@@ -15,8 +15,12 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 IGNORE_INDEX = -100
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -447,6 +451,7 @@ def linear_logprobs(
     softcap: float | None = None,
     filter_eps: float | str | None = "auto",
     backend: str | None = None,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Per-token log-probs of the targets, without materializing the ``[..., V]`` logits.
 
@@ -470,10 +475,20 @@ def linear_logprobs(
             ``finfo(dtype).eps / 32``; None turns filtering off.
         backend: ``"triton"`` or ``"torch"``; default ``FASTDPO_BACKEND``, else triton on CUDA, torch
             elsewhere.
+        group: a process group over which the vocabulary is sharded (tensor parallelism): ``weight`` and
+            ``bias`` are then this rank's rows, placed in group-rank order; see
+            ``fastdpo.ops.vocab_parallel.vocab_parallel_linear_logprobs``. None for a whole head.
 
     Returns:
         fp32 ``[...]`` log-probs. Gradients flow to hidden, weight and bias in their own dtypes.
     """
+    if group is not None:
+        from fastdpo.ops.vocab_parallel import vocab_parallel_linear_logprobs
+
+        return vocab_parallel_linear_logprobs(
+            hidden, weight, targets, bias, group=group, ignore_index=ignore_index, temperature=temperature,
+            softcap=softcap, filter_eps=filter_eps, backend=backend,
+        )  # fmt: skip
     _validate(hidden, weight, targets, bias, ignore_index, temperature, softcap)
     chosen = resolve_backend(hidden.device, backend)
     eps = filter_threshold(filter_eps, hidden.dtype) if chosen == "triton" else 0.0
