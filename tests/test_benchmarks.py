@@ -1,0 +1,66 @@
+"""The benchmark scripts' CPU reduced modes run end to end and check every provider before timing it."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> str:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_bench_logprobs_cpu_mode(tmp_path):
+    path = tmp_path / "head.csv"
+    text = _run(
+        "bench_logprobs.py", "--hidden", "32", "--vocab", "300", "--tokens", "64", "--reps", "1",
+        "--providers", "naive,trl,fastdpo,mm4", "--csv", str(path), "--plot", str(tmp_path / "head.png"),
+    )  # fmt: skip
+    assert "CPU reduced mode" in text
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    assert set(rows) == {"naive", "trl", "fastdpo", "mm4"}
+    for name in ("naive", "trl", "fastdpo"):
+        assert float(rows[name]["logp_err"]) < 1e-4 and float(rows[name]["dh_err"]) < 1e-4
+    assert (tmp_path / "head.png").stat().st_size > 0
+
+
+def test_bench_logprobs_rejects_unknown_provider():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_logprobs.py"), "--providers", "nope"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode != 0 and "unknown providers" in out.stderr
+
+
+def test_bench_loss_cpu_mode(tmp_path):
+    path = tmp_path / "loss.csv"
+    _run(
+        "bench_loss.py", "--pairs", "2", "--seq", "24", "--hidden", "16", "--vocab", "200", "--reps", "1",
+        "--providers", "naive,trl,fastdpo", "--csv", str(path),
+    )  # fmt: skip
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    for name in ("naive", "trl", "fastdpo"):
+        assert float(rows[name]["loss_err"]) < 1e-5
+
+
+def test_bench_packing_small(tmp_path):
+    _run("bench_packing.py", "--pairs", "2000", "--repeats", "1", "--csv", str(tmp_path / "pack.csv"))
+    assert (tmp_path / "pack.csv").exists()
+
+
+@pytest.mark.slow
+def test_bench_trainer_tiny(tmp_path):
+    path = tmp_path / "trainer.csv"
+    _run("bench_trainer.py", "--tiny", "--mode", "throughput", "--csv", str(path), timeout=600)
+    rows = list(csv.DictReader(path.open()))
+    assert {r["provider"] for r in rows} == {"fastdpo", "trl"}
+    assert all(r["status"] == "ok" for r in rows), rows
