@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -613,23 +614,6 @@ def fused_linear_dpo_loss(
     labels: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    beta: float = 0.1,
-    loss_type: str | Sequence[str] = "sigmoid",
-    loss_weights: Sequence[float] | None = None,
-    label_smoothing: float = 0.0,
-    rpo_alpha: float | None = None,
-    ld_alpha: float | None = None,
-    f_divergence_type: str = "reverse_kl",
-    f_alpha_divergence_coef: float = 0.5,
-    discopop_tau: float = 0.05,
-    simpo_gamma: float = 0.5,
-    average_log_prob: bool = False,
-    reference_free: bool = False,
-    ignore_index: int = IGNORE_INDEX,
-    temperature: float = 1.0,
-    softcap: float | None = None,
-    filter_eps: float | str | None = "auto",
-    backend: str | None = None,
     ref_chosen_logps: torch.Tensor | None = None,
     ref_rejected_logps: torch.Tensor | None = None,
     ref_hidden: torch.Tensor | None = None,
@@ -637,6 +621,7 @@ def fused_linear_dpo_loss(
     ref_bias: torch.Tensor | None = None,
     seq_index: torch.Tensor | None = None,
     num_pairs: int | None = None,
+    **options: Any,
 ) -> PreferenceLossOutput:
     """Functional ``FusedLinearDPOLoss``: equals TRL's DPO loss on ``log_softmax(hidden @ weight.T + bias)``.
 
@@ -648,32 +633,13 @@ def fused_linear_dpo_loss(
         logits = (chosen - ref_chosen_logps) - (rejected - ref_rejected_logps)
         loss = -F.logsigmoid(beta * logits).mean()
 
-    See ``FusedLinearDPOLoss`` for every argument.
+    ``options`` are ``FusedLinearDPOLoss``'s constructor arguments (``beta``, ``loss_type``, ...); the rest
+    are its ``forward``'s.
 
     Returns:
         A ``PreferenceLossOutput``.
     """
-    spec = _build_spec(
-        beta=beta,
-        loss_type=loss_type,
-        loss_weights=loss_weights,
-        label_smoothing=label_smoothing,
-        rpo_alpha=rpo_alpha,
-        ld_alpha=ld_alpha,
-        f_divergence_type=f_divergence_type,
-        f_alpha_divergence_coef=f_alpha_divergence_coef,
-        discopop_tau=discopop_tau,
-        simpo_gamma=simpo_gamma,
-        average_log_prob=average_log_prob,
-        reference_free=reference_free,
-        ignore_index=ignore_index,
-        temperature=temperature,
-        softcap=softcap,
-        filter_eps=filter_eps,
-        backend=backend,
-    )
-    return _run(
-        spec,
+    return FusedLinearDPOLoss(**options)(
         hidden,
         weight,
         labels,
