@@ -130,10 +130,10 @@ def check_provider(fn, h, w, t, softcap, rows: int = 256) -> tuple[float, float]
     return (got.double() - ref).abs().max().item(), (hs.grad.double() - h64.grad).abs().max().item()
 
 
-def bench_one(name, n, d, v, softcap, dtype, device, reps) -> dict:
+def bench_one(name, n, d, v, softcap, dtype, device, reps, logit_std=3.0) -> dict:
     torch.manual_seed(0)
-    h = (torch.randn(n, d, device=device) * 1.5).to(dtype).requires_grad_()
-    w = (torch.randn(v, d, device=device) / d**0.5 * 2.0).to(dtype).requires_grad_()
+    h = torch.randn(n, d, device=device).to(dtype).requires_grad_()
+    w = (torch.randn(v, d, device=device) * logit_std / d**0.5).to(dtype).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
     row = dict(provider=name, tokens=n, hidden=d, vocab=v, softcap=softcap or "", dtype=str(dtype)[6:])
     if name == "mm4":
@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated providers")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument(
+        "--logit-std", type=float, default=3.0, help="std of the random logits; ~10 gives peaked softmaxes"
+    )
     p.add_argument("--csv", help="write the rows as CSV here")
     p.add_argument("--plot", help="write a PNG of time and memory against N here")
     p.add_argument("--cpu-memory", action="store_true", help="extra peak RSS, torch backend vs naive (CPU)")
@@ -308,6 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             dtype,
                             device,
                             args.reps,
+                            args.logit_std,
                         )
                     except torch.OutOfMemoryError:
                         row = dict(
