@@ -185,6 +185,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in row.items()),
             flush=True,
         )
+    naive = next((r["step_ms"] for r in rows if r["provider"] == "naive" and "step_ms" in r), None)
+    for r in rows:
+        if naive and "step_ms" in r:
+            r["speedup_vs_naive"] = round(naive / r["step_ms"], 3)
+            print(f"{r['provider']}: {r['speedup_vs_naive']}x naive")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         keys = list(dict.fromkeys(k for r in rows for k in r))
