@@ -12,6 +12,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import sys
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch.distributed as dist
 import yaml
 
 from fastdpo.trainer import TrainConfig, train
@@ -220,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Under torchrun only rank 0 reports; the other ranks show warnings and errors.
+    main_rank = os.environ.get("RANK", "0") in ("", "0")
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
     if args.command == "train":
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         flags = {k: v for k, v in vars(args).items() if k in names}
@@ -231,7 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        for split, metrics in train(config).items():
+        results = train(config)
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        for split, metrics in results.items() if main_rank else ():
             shown = ", ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/"))
             )

@@ -25,11 +25,18 @@ checkpointing is essentially each layer's ``[N, D]`` input, is copied to CPU mem
 and copied back during the backward. It trades host-device traffic for memory; use it with
 ``gradient_checkpointing``, since without it every intermediate activation would travel.
 
-Distributed training (DDP / FSDP2) is not part of this file. Its hooks are the ``rank`` and
-``world_size`` of :class:`Trainer`: bins are spread over ranks with ``balance_bins`` in ``_shard``, and
-``_all_reduce_sum`` is where per-rank metric sums would be combined. Steps are planned globally (every
-rank plans the same bins), so the step's pair count needs no communication; a data-parallel wrapper
-that averages gradients over ranks must scale each rank's loss by ``world_size``.
+Data parallelism (``strategy`` ddp / fsdp2, launched by torchrun) uses ``fastdpo.distributed``: every
+rank plans the same steps, ``shard_bins`` gives each rank a balanced share of each step's bins (padded
+with loss-times-zero micro-batches so that all ranks run as many), gradients synchronize on the last
+micro-batch only, and each micro-batch's loss is scaled by ``pairs * world_size / step_pairs`` because
+DDP and FSDP2 average gradients over ranks: the update is that of the mean over all pairs of the step.
+Metrics are combined with ``gather_metrics``; only rank 0 logs and writes files. Checkpoints are
+``fastdpo.checkpoint``'s (rank 0) under none / ddp and DCP sharded ones (``save_sharded``) under fsdp2,
+whose final export is consolidated into one ``from_pretrained`` folder.
+
+Single node: ``torchrun --nproc_per_node=8 -m fastdpo train --strategy fsdp2 --config run.yaml``.
+Multi node: the same on every node with ``--nnodes=2 --node_rank=<i> --master_addr=<node 0>
+--master_port=29500`` (``output_dir`` on a filesystem every node sees).
 """
 
 from __future__ import annotations
@@ -55,13 +62,30 @@ import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from fastdpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
 from fastdpo.data import load_preference_data, tokenize_preferences
+from fastdpo.distributed import (
+    STRATEGIES,
+    DistState,
+    all_reduce_sum,
+    consolidate,
+    gather_metrics,
+    gradient_sync,
+    init_distributed,
+    latest_sharded,
+    load_sharded,
+    save_sharded,
+    shard_bins,
+    unsharded_lm_head,
+    unwrap_model,
+    wrap_model,
+)
 from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss, PreferenceLossOutput, sequence_logps
-from fastdpo.modeling import ATTN_BACKENDS, lm_head_params, packed_hidden_states, reference_context
-from fastdpo.packing import PackedBatch, balance_bins, pack_pairs, pair_num_tokens, plan_bins
+from fastdpo.modeling import ATTN_BACKENDS, packed_hidden_states, reference_context
+from fastdpo.packing import PackedBatch, pack_pairs, pair_num_tokens, plan_bins
 
 __all__ = ["METRIC_NAMES", "TrainConfig", "Trainer", "train"]
 
@@ -114,6 +138,11 @@ class TrainConfig:
     device: str = _opt("auto", "auto (CUDA if available, else CPU), cpu, cuda or cuda:N")
     attn_backend: str | None = _opt(None, f"packed attention: one of {ATTN_BACKENDS}; default: the model's")
     backend: str | None = _opt(None, "fused head/loss kernels: triton or torch; default: triton on CUDA")
+    strategy: str = _opt(
+        "none",
+        "data parallelism under torchrun: none (one process), ddp (replicated weights) or fsdp2 (weights, "
+        "gradients and optimizer state sharded over ranks)",
+    )
     gradient_checkpointing: bool = _opt(False, "recompute each decoder layer in the backward to save memory")
     offload_activations: bool = _opt(
         False,
@@ -219,6 +248,12 @@ class TrainConfig:
             f"one of {ATTN_BACKENDS}",
         )
         check(self.backend in (None, "triton", "torch"), "backend", "triton or torch")
+        check(self.strategy in STRATEGIES, "strategy", f"one of {list(STRATEGIES)}")
+        check(
+            self.strategy != "fsdp2" or self.lora_r == 0,
+            "strategy",
+            "none or ddp with LoRA (lora_r > 0); fsdp2 exports full weights only",
+        )
         check(self.lora_r >= 0, "lora_r", "an int >= 0")
         check(self.lora_alpha > 0, "lora_alpha", "a float > 0")
         check(0 <= self.lora_dropout < 1, "lora_dropout", "a float in [0, 1)")
@@ -337,53 +372,80 @@ class _Split:
 class Trainer:
     """Packed DPO training of one policy: ``Trainer(config).train()`` is ``fastdpo train``.
 
+    Under torchrun (``RANK`` / ``WORLD_SIZE`` set) the process joins the job with ``init_distributed``
+    and trains data-parallel as ``config.strategy`` says; otherwise it is a single process.
+
     Args:
         config: The run's options.
-        rank: This process's data-parallel rank (a hook for a distributed layer).
-        world_size: Number of data-parallel ranks; only 1 is supported without that layer.
+        model: An already built transformers causal LM to train instead of loading ``config.model``
+            (which then only names it). It is used as it is (dtype included), moved to the device and
+            prepared like a loaded one (no KV cache, dropout off, gradient checkpointing). With
+            ``reference="precompute"`` and no ``ref_model``, its reference log-probs are computed but
+            never read from or written to the disk cache, since nothing identifies its weights.
+        tokenizer: Its tokenizer; default: loaded from ``config.tokenizer`` or ``config.model``.
+        rank: Expected rank, checked against the process group (default: whatever it is).
+        world_size: Expected number of ranks, checked likewise.
 
     Attributes:
-        model: The policy (a peft model when ``lora_r > 0``).
+        model: The policy as trained: wrapped by DDP / FSDP2 under those strategies, a peft model when
+            ``lora_r > 0``; ``fastdpo.distributed.unwrap_model(model)`` is the transformers model.
         tokenizer: Its tokenizer.
+        dist: This process's place in the job (``fastdpo.distributed.DistState``).
         step: Optimizer steps taken so far (restored on resume).
         total_steps: Steps the run will take.
     """
 
-    def __init__(self, config: TrainConfig, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
-        if world_size != 1 or rank != 0:
-            raise ValueError(
-                f"rank={rank}, world_size={world_size}: expected rank 0 of 1; multi-process training needs a "
-                "distributed layer around this trainer"
+        if model is not None and not callable(getattr(model, "get_decoder", None)):
+            raise TypeError(
+                f"model: expected a transformers causal LM (with get_decoder()), got {type(model).__name__}"
             )
         self.config = cfg = config
-        self.rank, self.world_size = rank, world_size
+        self.dist = self._join_job(rank, world_size)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
         self.out_dir = Path(cfg.output_dir)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out_dir / "cache"
         _seed_everything(cfg.seed)
-        if cfg.device == "auto":
+        if cfg.strategy != "none":
+            self.device = self.dist.device
+        elif cfg.device == "auto":
             self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         else:
             self.device = torch.device(cfg.device)
         auto_dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.compute_dtype = _DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype]
 
-        from transformers import AutoTokenizer
+        if tokenizer is None:
+            from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(
-            cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
-        )
-        self.model = self._load_model(cfg.model)
+            tokenizer = AutoTokenizer.from_pretrained(
+                cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
+            )
+        self.tokenizer = tokenizer
+        self._injected_model = model is not None
+        self.model = self._prepare_model(model) if model is not None else self._load_model(cfg.model)
         self.train_split, self.eval_split = self._load_data()
 
         needs_ref = LOSS_TYPES[cfg.loss_type].needs_reference
         self.reference = cfg.reference if needs_ref else "none"
+        self.temperature, self.softcap = _logit_transform(self.model)
         self.loss_fn = FusedLinearDPOLoss(
             beta=cfg.beta,
             loss_type=cfg.loss_type,
             label_smoothing=cfg.label_smoothing,
             reference_free=needs_ref and cfg.reference == "none",
+            temperature=self.temperature,
+            softcap=self.softcap,
             backend=cfg.backend,
         )
         self.ref_model = None
@@ -391,6 +453,8 @@ class Trainer:
             self.ref_model = self._load_model(cfg.ref_model, trainable=False)
         if cfg.lora_r:
             self.model = self._add_lora(self.model)
+        if cfg.strategy != "none":
+            self.model = wrap_model(self.model, cfg.strategy, self.dist)
         self.eval_bins = self._plan_bins(self.eval_split.tokens, None) if self.eval_split else []
         if self.reference == "precompute":
             source: list[nn.Module] = []  # the reference model, loaded on the first cache miss only
@@ -405,11 +469,35 @@ class Trainer:
             lambda s: _warmup_cosine(s, warmup=warmup, total=self.total_steps, min_ratio=cfg.min_lr_ratio),
         )
         self.step = self.epoch = self.step_in_epoch = self.num_tokens = 0
-        if cfg.resume and (path := latest_checkpoint(self.out_dir)) is not None:
-            self._resume(path)
+        if cfg.resume:
+            self._resume_latest()
         self._writer = self._open_tensorboard() if self._is_main else None
 
     # ------------------------------------------------------------------ set-up
+
+    def _join_job(self, rank: int | None, world_size: int | None) -> DistState:
+        """Joins the torchrun job (or describes one process) and checks it against the config and args."""
+        cfg = self.config
+        state = init_distributed(backend="gloo" if cfg.device == "cpu" else None)
+        if (rank is not None and rank != state.rank) or (
+            world_size is not None and world_size != state.world_size
+        ):
+            raise ValueError(
+                f"rank={rank}, world_size={world_size}: expected this process's place in the job, rank "
+                f"{state.rank} of {state.world_size} (launch several ranks with torchrun)"
+            )
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if state.world_size > 1 and cfg.strategy == "none":
+            raise ValueError(
+                f"strategy: expected ddp or fsdp2 with {state.world_size} ranks, got 'none' (each rank would "
+                "train its own copy)"
+            )
+        if cfg.strategy != "none" and not grouped:
+            raise ValueError(
+                f"strategy: {cfg.strategy!r} needs a process group; launch with torchrun "
+                f"(torchrun --nproc_per_node=K -m fastdpo train --strategy {cfg.strategy} ...) or use 'none'"
+            )
+        return state
 
     def _load_model(self, path: str, *, trainable: bool = True) -> nn.Module:
         from transformers import AutoModelForCausalLM
@@ -419,7 +507,13 @@ class Trainer:
             dtype=_DTYPES[self.config.param_dtype],
             use_safetensors=True,
             trust_remote_code=self.config.trust_remote_code,
-        ).to(self.device)
+        )
+        return self._prepare_model(model, trainable=trainable)
+
+    def _prepare_model(self, model: nn.Module, *, trainable: bool = True) -> nn.Module:
+        # FSDP2 moves the policy to the device one sharded unit at a time, so it stays where it is.
+        if not (trainable and self.config.strategy == "fsdp2"):
+            model = model.to(self.device)
         model.config.use_cache = False
         if self.config.disable_dropout:
             for module in model.modules():
@@ -542,20 +636,44 @@ class Trainer:
         steps.append(current)
         return steps
 
-    # ------------------------------------------------------------------ distributed hooks
+    # ------------------------------------------------------------------ distributed plumbing
 
     @property
     def _is_main(self) -> bool:
-        return self.rank == 0
+        return self.dist.is_main
 
-    def _shard(self, bins: Sequence[np.ndarray], tokens: np.ndarray) -> list[np.ndarray]:
-        """This rank's bins: ``balance_bins`` spreads them over ranks by token count."""
-        groups = balance_bins([int(tokens[b].sum()) for b in bins], self.world_size)
-        return [b for b, g in zip(bins, groups, strict=True) if g == self.rank]
+    def _shard(self, bins: Sequence[np.ndarray], tokens: np.ndarray) -> list[tuple[np.ndarray, bool]]:
+        """This rank's ``(pair indices, real)`` micro-batches of ``bins``, as many on every rank.
 
-    def _all_reduce_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over ranks (the identity in one process)."""
-        return x
+        ``shard_bins`` balances tokens over ranks; a padding micro-batch (``real`` False) reruns a bin so
+        that the collectives of all ranks match, and must not count (loss times 0, weight 0).
+        """
+        plan = shard_bins([int(tokens[b].sum()) for b in bins], self.dist)
+        return [(bins[i], True) if i >= 0 else (bins[0], False) for i in plan]
+
+    def _global_means(self, sums: torch.Tensor, pairs: int) -> dict[str, float]:
+        """Means over the pairs of all ranks of ``METRIC_NAMES`` from this rank's ``pairs`` and their sums."""
+        local = (sums / pairs).tolist() if pairs else [0.0] * len(METRIC_NAMES)
+        means = gather_metrics(dict(zip(METRIC_NAMES, local, strict=True)), pairs)
+        return {k: means[k] for k in METRIC_NAMES}
+
+    def _agree(self, ok: bool, what: str) -> None:
+        """Waits for every rank; raises on every rank if ``what`` failed on another one."""
+        if self.world_size == 1:
+            return
+        failed = all_reduce_sum(int(not ok))
+        if failed and ok:
+            raise RuntimeError(f"{what} failed on {failed} other rank(s); see their errors")
+
+    def _hidden(self, model: nn.Module, batch: PackedBatch, *, offload: bool = False) -> torch.Tensor:
+        """Final hidden states ``[N, D]`` of ``batch`` (the decoder call runs the DDP / FSDP2 forward)."""
+        with self._compute(offload=offload):
+            return packed_hidden_states(unwrap_model(model), batch, attn_backend=self.config.attn_backend)
+
+    def _release(self, model: nn.Module) -> None:
+        """Frees FSDP2's gathered root unit after no-grad forwards, which no post-backward reshards."""
+        if self.config.strategy == "fsdp2" and model is self.model:
+            model.reshard()
 
     # ------------------------------------------------------------------ forward
 
@@ -583,26 +701,26 @@ class Trainer:
         model = self.ref_model if self.reference == "model" else self.model
         was_training = model.training
         model.eval()
-        with (
-            torch.no_grad(),
-            self._compute(),
-            reference_context(model) if self.reference == "adapter" else nullcontext(),
-        ):
-            hidden = packed_hidden_states(model, batch, attn_backend=self.config.attn_backend)
-            weight, bias = lm_head_params(model)
-        model.train(was_training)
-        return {
-            "ref_hidden": hidden,
-            "ref_weight": weight.detach(),
-            "ref_bias": None if bias is None else bias.detach(),
-        }
+        try:
+            with (
+                torch.no_grad(),
+                reference_context(unwrap_model(model)) if self.reference == "adapter" else nullcontext(),
+            ):
+                hidden = self._hidden(model, batch)
+                with unsharded_lm_head(model) as (weight, bias):
+                    return {
+                        "ref_hidden": hidden,
+                        "ref_weight": weight.detach(),
+                        "ref_bias": None if bias is None else bias.detach(),
+                    }
+        finally:
+            model.train(was_training)
 
     def _loss(self, split: _Split, indices: np.ndarray, batch: PackedBatch) -> PreferenceLossOutput:
         ref = self._reference_kwargs(split, indices, batch)
-        with self._compute(offload=self.config.offload_activations and torch.is_grad_enabled()):
-            hidden = packed_hidden_states(self.model, batch, attn_backend=self.config.attn_backend)
-        weight, bias = lm_head_params(self.model)
-        with self._compute():
+        offload = self.config.offload_activations and torch.is_grad_enabled()
+        hidden = self._hidden(self.model, batch, offload=offload)
+        with unsharded_lm_head(self.model) as (weight, bias), self._compute():
             return self.loss_fn(
                 hidden,
                 weight,
@@ -635,6 +753,8 @@ class Trainer:
         """Fills ``split.ref_chosen / ref_rejected`` from the disk cache, or by one no-grad pass.
 
         The pass runs ``ref_model`` if set (loaded into ``source`` once), else the policy before any update.
+        Each rank scores its share of the bins into a zero table and the tables are summed over ranks.
+        An injected policy without ``ref_model`` bypasses the cache: nothing on disk names its weights.
         """
         cfg = self.config
         key = {
@@ -649,15 +769,17 @@ class Trainer:
             "backend": cfg.backend,
             "device": self.device.type,
         }
+        cacheable = bool(cfg.ref_model) or not self._injected_model
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
         path = self.cache_dir / f"ref-logps-{digest}.safetensors"
         n = len(split.data)
-        if path.exists():
-            cached = load_file(path)
-            if cached["chosen"].shape == (n,):
-                split.ref_chosen, split.ref_rejected = cached["chosen"], cached["rejected"]
-                logger.info("%s reference log-probs: read from %s", split.name, path)
-                return
+        cached = load_file(path) if cacheable and path.exists() else None
+        hit = cached is not None and cached["chosen"].shape == (n,)
+        # Every rank must take the same branch: the pass below is collective under DDP / FSDP2.
+        if all_reduce_sum(int(hit)) == self.world_size:
+            split.ref_chosen, split.ref_rejected = cached["chosen"], cached["rejected"]
+            logger.info("%s reference log-probs: read from %s", split.name, path)
+            return
         if not source:
             source.append(self._load_model(cfg.ref_model, trainable=False) if cfg.ref_model else self.model)
         model = source[0]
@@ -666,30 +788,35 @@ class Trainer:
         chosen, rejected = torch.zeros(n), torch.zeros(n)
         was_training = model.training
         model.eval()
-        with torch.no_grad(), self._compute():
-            for b in tqdm(
+        with torch.no_grad():
+            for b, real in tqdm(
                 self._shard(bins, split.tokens),
                 desc=f"reference log-probs ({split.name})",
                 disable=not (cfg.progress and self._is_main),
             ):
                 batch = self._batch(split, b)
-                hidden = packed_hidden_states(model, batch, attn_backend=cfg.attn_backend)
-                weight, bias = lm_head_params(model)
-                c, r = sequence_logps(
-                    hidden,
-                    weight,
-                    batch.labels,
-                    bias,
-                    seq_index=batch.seq_index,
-                    num_pairs=batch.num_pairs,
-                    backend=cfg.backend,
-                )
-                idx = torch.from_numpy(b)
-                chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+                hidden = self._hidden(model, batch)
+                with unsharded_lm_head(model) as (weight, bias), self._compute():
+                    c, r = sequence_logps(
+                        hidden,
+                        weight,
+                        batch.labels,
+                        bias,
+                        seq_index=batch.seq_index,
+                        num_pairs=batch.num_pairs,
+                        temperature=self.temperature,
+                        softcap=self.softcap,
+                        backend=cfg.backend,
+                    )
+                if real:
+                    idx = torch.from_numpy(b)
+                    chosen[idx], rejected[idx] = c.float().cpu(), r.float().cpu()
+        self._release(model)
         model.train(was_training)
-        chosen, rejected = self._all_reduce_sum(chosen), self._all_reduce_sum(rejected)
+        # Each pair was scored on exactly one rank and is 0 elsewhere, so the sum is exact.
+        chosen, rejected = all_reduce_sum(chosen), all_reduce_sum(rejected)
         split.ref_chosen, split.ref_rejected = chosen, rejected
-        if self._is_main:
+        if self._is_main and cacheable:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             save_file({"chosen": chosen, "rejected": rejected}, tmp, metadata={"key": json.dumps(key)})
@@ -729,7 +856,7 @@ class Trainer:
         while self.step < self.total_steps:
             plan = self._epoch_plan(self.epoch)
             while self.step_in_epoch < len(plan) and self.step < self.total_steps:
-                metrics = self._train_step(plan[self.step_in_epoch])
+                metrics = self._step_or_explain(plan[self.step_in_epoch])
                 self.step += 1
                 self.step_in_epoch += 1
                 metrics["epoch"] = self.epoch + self.step_in_epoch / len(plan)
@@ -761,15 +888,27 @@ class Trainer:
             result["eval"] = self._log_eval()
         if cfg.save_every and saved_at != self.step and self.step > 0:
             self.save()
-        if cfg.save_model and self._is_main:
-            save_final(self.model, self.out_dir / "final", self.tokenizer)
-            logger.info("final model: %s", self.out_dir / "final")
+        if cfg.save_model:
+            self._export(self.out_dir / "final")
         self._flush()
         return result
 
     def _flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()
+
+    def _step_or_explain(self, bins: list[np.ndarray]) -> dict[str, float]:
+        """Runs ``_train_step``; across ranks a failure names the step and rank and points at the peers."""
+        try:
+            return self._train_step(bins)
+        except RuntimeError as err:
+            if self.world_size == 1:
+                raise
+            raise RuntimeError(
+                f"training step {self.step + 1} failed on rank {self.rank} of {self.world_size}: when "
+                "another rank crashed, was killed or stalled past the process-group timeout, its own error "
+                f"is the cause ({err})"
+            ) from err
 
     def _train_step(self, bins: list[np.ndarray]) -> dict[str, float]:
         """One optimizer step over ``bins`` (all ranks'); returns the step's metrics."""
@@ -778,22 +917,30 @@ class Trainer:
         step_pairs = sum(len(b) for b in bins)
         step_tokens = sum(int(tokens[b].sum()) for b in bins)
         sums = torch.zeros(len(METRIC_NAMES), device=self.device)
-        for b in self._shard(bins, tokens):
-            batch = self._batch(self.train_split, b)
-            out = self._loss(self.train_split, b, batch)
-            # Weighting each micro-batch mean by its share of the step's pairs makes the accumulated
-            # gradient that of the mean over all pairs of the step, however they were binned.
-            (out.loss * (batch.num_pairs / step_pairs)).backward()
-            sums += self._pair_sums(out, batch.num_pairs)
-        sums = self._all_reduce_sum(sums)
+        local_pairs = 0
+        plan = self._shard(bins, tokens)
+        for k, (b, real) in enumerate(plan):
+            with gradient_sync(self.model, enabled=k == len(plan) - 1):
+                batch = self._batch(self.train_split, b)
+                out = self._loss(self.train_split, b, batch)
+                # Weighting each micro-batch mean by its share of the step's pairs makes the accumulated
+                # gradient that of the mean over all pairs of the step, however they were binned; the
+                # world_size factor undoes DDP's and FSDP2's averaging over ranks.
+                share = batch.num_pairs * self.world_size / step_pairs if real else 0.0
+                (out.loss * share).backward()
+            if real:
+                sums += self._pair_sums(out, batch.num_pairs)
+                local_pairs += batch.num_pairs
+        metrics = self._global_means(sums, local_pairs)
         params = [p for p in self.model.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.num_tokens += step_tokens
-        metrics = dict(zip(METRIC_NAMES, (sums / step_pairs).tolist(), strict=True))
         elapsed = time.perf_counter() - start
         metrics.update(
             grad_norm=float(grad_norm),
@@ -811,12 +958,16 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         sums = torch.zeros(len(METRIC_NAMES), device=self.device)
-        for b in self._shard(self.eval_bins, self.eval_split.tokens):
+        local_pairs = 0
+        for b, real in self._shard(self.eval_bins, self.eval_split.tokens):
             batch = self._batch(self.eval_split, b)
-            sums += self._pair_sums(self._loss(self.eval_split, b, batch), batch.num_pairs)
+            out = self._loss(self.eval_split, b, batch)
+            if real:
+                sums += self._pair_sums(out, batch.num_pairs)
+                local_pairs += batch.num_pairs
+        self._release(self.model)
         self.model.train(was_training)
-        sums = self._all_reduce_sum(sums)
-        return dict(zip(METRIC_NAMES, (sums / len(self.eval_split.data)).tolist(), strict=True))
+        return self._global_means(sums, local_pairs)
 
     def _log_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -841,20 +992,55 @@ class Trainer:
         return {**{k: getattr(self.config, k) for k in _PLAN_KEYS}, "data": self.train_split.digest}
 
     def save(self) -> Path:
-        """Writes an atomic checkpoint of the current step into ``output_dir``."""
-        return save_checkpoint(
-            self.out_dir,
-            self.step,
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.scheduler,
-            data_state={"epoch": self.epoch, "step_in_epoch": self.step_in_epoch},
-            extra={"plan": self._plan_identity(), "num_tokens": self.num_tokens},
-            keep_last=self.config.keep_last,
-        )
+        """Writes an atomic checkpoint of the current step into ``output_dir``; every rank calls it.
 
-    def _resume(self, path: Path) -> None:
-        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        Under fsdp2 every rank writes its shards (``save_sharded``); otherwise rank 0 writes the whole
+        state (``save_checkpoint``) while the others wait for it.
+        """
+        cfg = self.config
+        data_state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        extra = {"plan": self._plan_identity(), "num_tokens": self.num_tokens}
+        if cfg.strategy == "fsdp2":
+            extra.update(data_state=data_state, scheduler=self.scheduler.state_dict())
+            return save_sharded(
+                self.out_dir, self.step, self.model, self.optimizer, extra, keep_last=cfg.keep_last
+            )
+        path, ok = None, False
+        if self._is_main:
+            try:
+                path = save_checkpoint(
+                    self.out_dir,
+                    self.step,
+                    model=unwrap_model(self.model),
+                    optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                    data_state=data_state,
+                    extra=extra,
+                    keep_last=cfg.keep_last,
+                )
+                ok = True
+            finally:
+                self._agree(ok, "saving the checkpoint on rank 0")
+        else:
+            self._agree(True, "saving the checkpoint on rank 0")
+        return path or latest_checkpoint(self.out_dir)
+
+    def _resume_latest(self) -> None:
+        """Restores the newest checkpoint in ``output_dir``, if there is one (same on every rank)."""
+        if self.config.strategy == "fsdp2":
+            path = latest_sharded(self.out_dir)
+            if path is None:
+                return
+            step, extra = load_sharded(path, self.model, self.optimizer)
+            self.scheduler.load_state_dict(extra["scheduler"])
+            state = {"step": step, "data_state": extra["data_state"], "extra": extra}
+        else:
+            path = latest_checkpoint(self.out_dir)
+            if path is None:
+                return
+            state = load_checkpoint(
+                path, model=unwrap_model(self.model), optimizer=self.optimizer, scheduler=self.scheduler
+            )
         saved, now = (state["extra"] or {}).get("plan", {}), self._plan_identity()
         changed = [k for k in now if saved.get(k) != now[k]]
         if changed:
@@ -868,6 +1054,30 @@ class Trainer:
         self.step_in_epoch = state["data_state"]["step_in_epoch"]
         self.num_tokens = state["extra"]["num_tokens"]
         logger.info("resumed from %s at step %d", path, self.step)
+
+    def _export(self, out_dir: Path) -> None:
+        """Writes the trained model and tokenizer as a ``from_pretrained`` folder; every rank calls it.
+
+        Under fsdp2 the sharded checkpoint of the current step (written now if missing) is consolidated
+        on rank 0; otherwise rank 0 saves its replica (LoRA adapters merged).
+        """
+        ckpt = None
+        if self.config.strategy == "fsdp2":
+            ckpt = latest_sharded(self.out_dir)
+            if ckpt is None or ckpt.name != f"sharded-{self.step:08d}":
+                ckpt = self.save()
+        ok = False
+        try:
+            if self._is_main:
+                if ckpt is not None:
+                    consolidate(ckpt, out_dir, unwrap_model(self.model).config)
+                    self.tokenizer.save_pretrained(out_dir)
+                else:
+                    save_final(unwrap_model(self.model), out_dir, self.tokenizer)
+                logger.info("final model: %s", out_dir)
+            ok = True
+        finally:
+            self._agree(ok, "exporting the final model on rank 0")
 
 
 def train(config: TrainConfig) -> dict[str, dict[str, float]]:
@@ -887,6 +1097,20 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _logit_transform(model: nn.Module) -> tuple[float, float | None]:
+    """``(temperature, softcap)`` that make the fused head compute the model's own logits.
+
+    Gemma-2 style ``final_logit_softcapping`` c: ``c * tanh(logits / c)``; Cohere style ``logit_scale``
+    s: ``logits * s``, i.e. temperature ``1 / s``.
+    """
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    if scale is not None and not scale > 0:
+        raise ValueError(f"model config: expected logit_scale > 0, got {scale!r}")
+    return (1.0 / float(scale) if scale is not None else 1.0), (None if softcap is None else float(softcap))
 
 
 def _model_identity(name: str) -> dict[str, Any]:
