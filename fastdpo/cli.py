@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="tokens N (logprobs: repeatable; loss: tokens per sequence)",
     )
+    bench.add_argument(
+        "--out", default="bench-results", help="folder for the CSVs and the plot (default: bench-results)"
+    )
     return parser
 
 
@@ -208,6 +211,9 @@ def _bench_argv(name: str, args: argparse.Namespace, extra: list[str]) -> list[s
         if len(args.tokens) > 1:
             raise ValueError(f"bench loss takes one --tokens (tokens per sequence), got {args.tokens}")
         argv += ["--seq", str(args.tokens[0])]
+    out = Path(args.out)
+    argv += ["--csv", str(out / f"{name}.csv")]
+    argv += ["--plot", str(out / f"{name}.png")] if name == "logprobs" else []
     return argv + extra
 
 

@@ -152,24 +152,31 @@ def test_bench_maps_shapes_and_delegates(tmp_path, monkeypatch, capsys):
             {"text_config": {"hidden_size": 3584, "vocab_size": 256000, "final_logit_softcapping": 30.0}}
         )
     )
-    assert cli.main(["bench", "--model-config", str(config), "--tokens", "4096", "--reps", "2"]) == 0
+    out = tmp_path / "res"
+    argv = ["bench", "--model-config", str(config), "--tokens", "4096", "--out", str(out), "--reps", "2"]
+    assert cli.main(argv) == 0
+    shape = ["--hidden", "3584", "--vocab", "256000"]
     assert calls == [
         (
             "logprobs",
-            ["--hidden", "3584", "--vocab", "256000", "--tokens", "4096", "--softcap", "30.0", "--reps", "2"],
+            [*shape, "--tokens", "4096", "--softcap", "30.0", "--csv", f"{out}/logprobs.csv"]
+            + ["--plot", f"{out}/logprobs.png", "--reps", "2"],
         ),
-        ("loss", ["--hidden", "3584", "--vocab", "256000", "--seq", "4096", "--reps", "2"]),
+        ("loss", [*shape, "--seq", "4096", "--csv", f"{out}/loss.csv", "--reps", "2"]),
     ]
     assert cli.main(["bench", "logprobs", "--hidden", "64"]) == 2
     assert "--hidden and --vocab go together" in capsys.readouterr().err
     assert cli.main(["bench", "loss", "--tokens", "1", "--tokens", "2"]) == 2
 
 
-def test_bench_runs_the_real_script(capsys):
+def test_bench_runs_the_real_script(capsys, tmp_path):
     argv = ["bench", "loss", "--hidden", "32", "--vocab", "128", "--tokens", "16", "--reps", "1"]
-    assert cli.main(argv + ["--providers", "naive,fastdpo", "--dtype", "float32"]) == 0
+    assert (
+        cli.main(argv + ["--out", str(tmp_path), "--providers", "naive,fastdpo", "--dtype", "float32"]) == 0
+    )
     out = capsys.readouterr().out
     assert "provider=naive" in out and "provider=fastdpo" in out
+    assert (tmp_path / "loss.csv").read_text().startswith("provider,")
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
