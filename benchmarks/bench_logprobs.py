@@ -16,16 +16,14 @@ CPU:  python benchmarks/bench_logprobs.py            (reduced mode: small shapes
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+from common import format_row, median_ms, write_csv
 
 SHAPES = {
     "llama3-8b": dict(hidden=4096, vocab=128256, softcap=None),
@@ -98,25 +96,6 @@ def _mm4(h: torch.Tensor, w: torch.Tensor, chunk: int = 8192) -> None:
         dw.addmm_(g.T, hc)
 
 
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def _median_ms(fn: Callable, device: str, reps: int, setup: Callable | None = None) -> float:
-    times = []
-    for i in range(reps + 2):
-        if setup is not None:
-            setup()
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        if i >= 2:  # warm-up: compilation and autotuning
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def check_provider(fn, h, w, t, softcap, rows: int = 256) -> tuple[float, float]:
     """Max abs error of logp and dhidden on the first rows vs float64 (a row's dh depends on it alone)."""
     from fastdpo.reference import linear_logprobs_reference
@@ -138,7 +117,7 @@ def bench_one(name, n, d, v, softcap, dtype, device, reps, logit_std=3.0) -> dic
     row = dict(provider=name, tokens=n, hidden=d, vocab=v, softcap=softcap or "", dtype=str(dtype)[6:])
     if name == "mm4":
         with torch.no_grad():
-            row["fwd_bwd_ms"] = _median_ms(lambda: _mm4(h, w), device, reps)
+            row["fwd_bwd_ms"] = median_ms(lambda: _mm4(h, w), device, reps)
         return row
     fn = make_provider(name, softcap)
     row["logp_err"], row["dh_err"] = check_provider(fn, h, w, t, softcap)
@@ -147,15 +126,15 @@ def bench_one(name, n, d, v, softcap, dtype, device, reps, logit_std=3.0) -> dic
         h.grad = None
         w.grad = None
 
-    row["fwd_ms"] = _median_ms(lambda: fn(h, w, t), device, reps)
+    row["fwd_ms"] = median_ms(lambda: fn(h, w, t), device, reps)
     holder = {}
 
     def fwd():
         zero()
         holder["out"] = fn(h, w, t)
 
-    row["bwd_ms"] = _median_ms(lambda: holder["out"].sum().backward(), device, reps, setup=fwd)
-    row["fwd_bwd_ms"] = _median_ms(lambda: fn(h, w, t).sum().backward(), device, reps, setup=zero)
+    row["bwd_ms"] = median_ms(lambda: holder["out"].sum().backward(), device, reps, setup=fwd)
+    row["fwd_bwd_ms"] = median_ms(lambda: fn(h, w, t).sum().backward(), device, reps, setup=zero)
     if device == "cuda":
         zero()
         torch.cuda.synchronize()
@@ -320,22 +299,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         torch.cuda.empty_cache()
                     row["shape"] = label
                     rows.append(row)
-                    print(
-                        ", ".join(
-                            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
-                        ),
-                        flush=True,
-                    )
+                    print(format_row(row), flush=True)
         _add_ratios(rows)
         if args.plot:
             plot(rows, args.plot)
-    if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(args.csv, rows)
     return rows
 
 

@@ -16,14 +16,11 @@ CPU:  python benchmarks/bench_loss.py                           (reduced mode)
 from __future__ import annotations
 
 import argparse
-import csv
-import os
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import format_row, median_ms, write_csv
 
 PROVIDERS = ["naive", "trl", "liger", "fastdpo"]
 BETA = 0.1
@@ -105,20 +102,6 @@ def check_provider(fn, h, rh, w, labels, tokens: int = 128) -> tuple[float, floa
     return abs(loss.item() - ref.item()), (hs.grad.double() - h64.grad).abs().max().item()
 
 
-def _median_ms(fn, device, reps):
-    times = []
-    for i in range(reps + 2):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def bench_one(name, pairs, seq, d, v, dtype, device, reps) -> dict:
     h, rh, w, labels = _batch(pairs, seq, d, v, dtype, device)
     fn = make_provider(name)
@@ -130,7 +113,7 @@ def bench_one(name, pairs, seq, d, v, dtype, device, reps) -> dict:
         w.grad = None
         fn(h, rh, w, labels).backward()
 
-    row["step_ms"] = _median_ms(step, device, reps)
+    row["step_ms"] = median_ms(step, device, reps)
     if device == "cuda":
         h.grad = None
         w.grad = None
@@ -181,22 +164,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row = dict(provider=name, pairs=pairs, seq=seq, hidden=d, vocab=v, error="OOM")
             torch.cuda.empty_cache()
         rows.append(row)
-        print(
-            ", ".join(f"{k}={x:.4g}" if isinstance(x, float) else f"{k}={x}" for k, x in row.items()),
-            flush=True,
-        )
+        print(format_row(row), flush=True)
     naive = next((r["step_ms"] for r in rows if r["provider"] == "naive" and "step_ms" in r), None)
     for r in rows:
         if naive and "step_ms" in r:
             r["speedup_vs_naive"] = round(naive / r["step_ms"], 3)
             print(f"{r['provider']}: {r['speedup_vs_naive']}x naive")
-    if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(args.csv, rows)
     return rows
 
 

@@ -16,13 +16,14 @@ random words of a word-level tokenizer whose vocabulary matches the model's; no 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
+
+from common import write_csv
 
 LLAMA31_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)
@@ -259,13 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row.update(_run(spec))
             rows.append(row)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    if args.csv:
-        os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
-        keys = list(dict.fromkeys(k for r in rows for k in r))
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(rows)
+    write_csv(args.csv, rows)
     return rows
 
 

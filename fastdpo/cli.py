@@ -182,6 +182,10 @@ def _bench_module(name: str) -> ModuleType:
     for folder in candidates:
         path = folder / f"bench_{name}.py"
         if path.is_file():
+            if (
+                str(folder) not in sys.path
+            ):  # the scripts import their shared helpers from benchmarks/common.py
+                sys.path.insert(0, str(folder))
             spec = importlib.util.spec_from_file_location(f"fastdpo_bench_{name}", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
