@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 
 import torch
-from common import format_row, median_ms, write_csv
+from common import format_row, median_ms, parse_providers, write_csv
 
 SHAPES = {
     "llama3-8b": dict(hidden=4096, vocab=128256, softcap=None),
@@ -268,10 +268,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print("CPU reduced mode: small shapes, torch backend, fp32; GPU numbers need a GPU.")
             dtype = torch.float32
             args.reps = min(args.reps, 3)
-        wanted = [x for x in args.providers.split(",") if x]
-        unknown = sorted(set(wanted) - set(PROVIDERS))
-        if unknown:
-            p.error(f"unknown providers {unknown}; expected some of {PROVIDERS}")
+        wanted = parse_providers(p, args.providers, PROVIDERS)
         providers = [x for x in wanted if x == "mm4" or _available(x, device)]
         skipped = sorted(set(wanted) - set(providers))
         if skipped:

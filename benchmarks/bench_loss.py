@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import format_row, median_ms, write_csv
+from common import format_row, median_ms, parse_providers, write_csv
 
 PROVIDERS = ["naive", "trl", "liger", "fastdpo"]
 BETA = 0.1
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("CPU reduced mode: small shapes, fp32, torch backend; GPU numbers need a GPU.")
         dtype = torch.float32
         args.reps = min(args.reps, 3)
-    wanted = [x for x in args.providers.split(",") if x]
-    unknown = sorted(set(wanted) - set(PROVIDERS))
-    if unknown:
-        p.error(f"unknown providers {unknown}; expected some of {PROVIDERS}")
+    wanted = parse_providers(p, args.providers, PROVIDERS)
     rows = []
     for name in wanted:
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import statistics
@@ -28,6 +29,15 @@ def median_ms(
         if i >= 2:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def parse_providers(parser: argparse.ArgumentParser, value: str, known: list[str]) -> list[str]:
+    """The comma-separated providers of ``value``; an unknown name is a usage error."""
+    wanted = [x for x in value.split(",") if x]
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        parser.error(f"unknown providers {unknown}; expected some of {known}")
+    return wanted
 
 
 def format_row(row: dict) -> str:

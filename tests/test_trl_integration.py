@@ -177,6 +177,24 @@ def _assert_same(stock: tuple, fast: tuple, *, metric_keys_equal: bool = True) -
         assert math.isclose(fast_value, value, rel_tol=1e-5, abs_tol=1e-6), (key, fast_value, value)
 
 
+def _stock_and_fast(tmp_path: Path, no_trl_head, build, policy: dict, reference: dict) -> list[tuple]:
+    """One batch through the stock trainer, then through FastDPOTrainer with TRL's own head disabled."""
+    dataset = _dataset()
+    runs = []
+    for cls in (DPOTrainer, FastDPOTrainer):
+        if cls is FastDPOTrainer:
+            no_trl_head()
+        trainer = cls(
+            model=build(policy),
+            ref_model=build(reference),
+            args=_args(tmp_path),
+            train_dataset=dataset,
+            processing_class=_tokenizer(),
+        )
+        runs.append(_one_batch(trainer))
+    return runs
+
+
 @pytest.fixture
 def no_trl_head(monkeypatch: pytest.MonkeyPatch):
     """Makes TRL's own fused log-prob head fail, to prove FastDPOTrainer's numbers come from fastdpo."""
@@ -221,19 +239,7 @@ def test_matches_stock_trainer(case: str, tmp_path: Path, no_trl_head) -> None:
 
 def test_tied_embeddings(tmp_path: Path, no_trl_head) -> None:
     policy, reference = _states(tie=True)
-    dataset = _dataset()
-    runs = []
-    for cls in (DPOTrainer, FastDPOTrainer):
-        if cls is FastDPOTrainer:
-            no_trl_head()
-        trainer = cls(
-            model=_model(policy, tie=True),
-            ref_model=_model(reference, tie=True),
-            args=_args(tmp_path),
-            train_dataset=dataset,
-            processing_class=_tokenizer(),
-        )
-        runs.append(_one_batch(trainer))
+    runs = _stock_and_fast(tmp_path, no_trl_head, lambda state: _model(state, tie=True), policy, reference)
     _assert_same(*runs)
 
 
@@ -292,19 +298,7 @@ def test_logit_scale_and_softcap(arch: str, tmp_path: Path, no_trl_head) -> None
         m.load_state_dict(state)
         return m
 
-    dataset = _dataset()
-    runs = []
-    for cls in (DPOTrainer, FastDPOTrainer):
-        if cls is FastDPOTrainer:
-            no_trl_head()
-        trainer = cls(
-            model=model(policy),
-            ref_model=model(reference),
-            args=_args(tmp_path),
-            train_dataset=dataset,
-            processing_class=_tokenizer(),
-        )
-        runs.append(_one_batch(trainer))
+    runs = _stock_and_fast(tmp_path, no_trl_head, model, policy, reference)
     _assert_same(*runs)
 
 
@@ -331,19 +325,7 @@ def test_moe_router_aux_loss(tmp_path: Path, no_trl_head) -> None:
         m.load_state_dict(state)
         return m
 
-    dataset = _dataset()
-    runs = []
-    for cls in (DPOTrainer, FastDPOTrainer):
-        if cls is FastDPOTrainer:
-            no_trl_head()
-        trainer = cls(
-            model=model(policy),
-            ref_model=model(reference),
-            args=_args(tmp_path),
-            train_dataset=dataset,
-            processing_class=_tokenizer(),
-        )
-        runs.append(_one_batch(trainer))
+    runs = _stock_and_fast(tmp_path, no_trl_head, model, policy, reference)
     assert runs[1][2]["aux_loss"] > 0
     _assert_same(*runs)
 
