@@ -2,7 +2,7 @@
 
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ext_modules = []
 if os.environ.get("FASTDPO_NO_EXT", "0") != "1":
@@ -22,7 +22,8 @@ if os.environ.get("FASTDPO_NO_EXT", "0") != "1":
         pass
 
 setup(
-    packages=["fastdpo", "fastdpo.ops", "fastdpo.integrations", "fastdpo.kernels"],
+    # Every package under fastdpo/ is found automatically; kernels/ is mapped in as fastdpo.kernels.
+    packages=["fastdpo", *(f"fastdpo.{p}" for p in find_packages("fastdpo")), "fastdpo.kernels"],
     package_dir={"fastdpo": "fastdpo", "fastdpo.kernels": "kernels"},
     ext_modules=ext_modules,
 )
