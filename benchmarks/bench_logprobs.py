@@ -6,16 +6,21 @@ Providers, all checked against a float64 reference on a slice of rows before the
   liger     Liger-Kernel's fused linear cross entropy, reduction="none" (GPU only)
   cce       Cut Cross-Entropy, linear_cross_entropy(..., reduction="none") (GPU only)
   fastdpo   fastdpo.linear_logprobs, gradient filtering on ("fastdpo") and off ("fastdpo-nofilter")
+  fastdpo-chunked  fastdpo.linear_logprobs(impl="chunked"): torch.mm chunks and Triton folds
+  torch-chunked    PyTorch's own torch.nn.functional.linear_cross_entropy, reduction="none", chunked path
+                   (options=torch.nn.LinearCrossEntropyOptions()); no softcap
   mm4       the floor: the four dense matmuls any exact method does (logits, recompute, dH, dW)
 
 GPU:  python benchmarks/bench_logprobs.py --csv out/head.csv --plot out/head.png
 CPU:  python benchmarks/bench_logprobs.py            (reduced mode: small shapes, torch backend)
-      python benchmarks/bench_logprobs.py --cpu-memory   (extra peak RSS of fwd+bwd, one process each)
+      python benchmarks/bench_logprobs.py --cpu-memory   (extra peak RSS and time of fwd+bwd, one process
+                                                          each: naive, torch-chunked, fastdpo torch backend)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import subprocess
@@ -33,7 +38,18 @@ SHAPES = {
 GPU_TOKENS = [4096, 16384, 65536]
 CPU_SHAPE = dict(hidden=256, vocab=8192, softcap=None)
 CPU_TOKENS = [512, 2048]
-PROVIDERS = ["naive", "trl", "liger", "cce", "fastdpo", "fastdpo-nofilter", "mm4"]
+PROVIDERS = [
+    "naive",
+    "trl",
+    "liger",
+    "cce",
+    "torch-chunked",
+    "fastdpo",
+    "fastdpo-nofilter",
+    "fastdpo-chunked",
+    "mm4",
+]
+CPU_MEMORY_PROVIDERS = ["naive", "torch-chunked", "fastdpo", "fastdpo-chunked"]
 
 
 def _available(name: str, device: str) -> bool:
@@ -48,6 +64,8 @@ def _available(name: str, device: str) -> bool:
             if device != "cuda":
                 return False
             import cut_cross_entropy  # noqa: F401
+        elif name == "torch-chunked":
+            return hasattr(torch.nn, "LinearCrossEntropyOptions")
     except ImportError:
         return False
     return True
@@ -77,11 +95,19 @@ def make_provider(name: str, softcap: float | None) -> Callable:
         from cut_cross_entropy import linear_cross_entropy
 
         return lambda h, w, t: -linear_cross_entropy(h, w, t, reduction="none", softcap=softcap)
-    if name in ("fastdpo", "fastdpo-nofilter"):
+    if name == "torch-chunked":
+        if softcap is not None:
+            raise ValueError("torch-chunked (F.linear_cross_entropy) has no softcap")
+        options = torch.nn.LinearCrossEntropyOptions()
+        return lambda h, w, t: (
+            -torch.nn.functional.linear_cross_entropy(h, w, t, reduction="none", options=options)
+        )
+    if name in ("fastdpo", "fastdpo-nofilter", "fastdpo-chunked"):
         from fastdpo import linear_logprobs
 
-        eps = "auto" if name == "fastdpo" else None
-        return lambda h, w, t: linear_logprobs(h, w, t, softcap=softcap, filter_eps=eps)
+        eps = None if name == "fastdpo-nofilter" else "auto"
+        impl = "chunked" if name == "fastdpo-chunked" else "fused"
+        return lambda h, w, t: linear_logprobs(h, w, t, softcap=softcap, filter_eps=eps, impl=impl)
     raise ValueError(f"unknown provider {name!r}; expected one of {PROVIDERS}")
 
 
@@ -147,7 +173,8 @@ def bench_one(name, n, d, v, softcap, dtype, device, reps, logit_std=3.0) -> dic
     return row
 
 
-def _cpu_memory_child(name: str, n: int, d: int, v: int) -> None:
+def _cpu_memory_child(name: str, n: int, d: int, v: int, reps: int) -> None:
+    """Prints the JSON row of one provider: extra peak RSS of its first fwd+bwd, its error, its time."""
     os.environ["FASTDPO_BACKEND"] = "torch"
     torch.manual_seed(0)
     h = torch.randn(n, d, requires_grad=True)
@@ -159,25 +186,31 @@ def _cpu_memory_child(name: str, n: int, d: int, v: int) -> None:
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn(h, w, t).sum().backward()
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024)
+    logp_err, dh_err = check_provider(fn, h, w, t, None)
+    fwd_bwd_ms = median_ms(lambda: fn(h, w, t).sum().backward(), "cpu", reps)
+    extra_mb = round((after - before) / 1024, 1)
+    row = dict(provider=name, tokens=n, hidden=d, vocab=v, extra_peak_rss_mb=extra_mb,
+               fwd_bwd_ms=round(fwd_bwd_ms, 1), logp_err=logp_err, dh_err=dh_err,
+               threads=torch.get_num_threads())  # fmt: skip
+    print(json.dumps(row))
 
 
-def cpu_memory(n: int, d: int, v: int) -> list[dict]:
+def cpu_memory(n: int, d: int, v: int, providers: list[str], reps: int) -> list[dict]:
+    """Each provider in a fresh process, one at a time, then every row's ratios to naive and torch-chunked."""
     rows = []
-    for name in ("naive", "fastdpo"):
+    for name in providers:
         out = subprocess.run(
-            [sys.executable, __file__, "--_child", name, str(n), str(d), str(v)],
+            [sys.executable, __file__, "--_child", name, str(n), str(d), str(v), str(reps)],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
-        rows.append(
-            dict(provider=name, tokens=n, hidden=d, vocab=v, extra_peak_rss_mb=float(out.stdout.split()[-1]))
-        )
-    rows.append(
-        dict(
-            provider="ratio",
-            extra_peak_rss_mb=round(rows[1]["extra_peak_rss_mb"] / rows[0]["extra_peak_rss_mb"], 4),
-        )
-    )
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(format_row(rows[-1]), flush=True)
+    by_name = {r["provider"]: r for r in rows}
+    for r in rows:
+        for base in ("naive", "torch-chunked"):
+            if base in by_name and r["provider"] != base:
+                for col in ("extra_peak_rss_mb", "fwd_bwd_ms"):
+                    r[f"{col}_over_{base}"] = round(r[col] / by_name[base][col], 4)
     return rows
 
 
@@ -234,16 +267,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--vocab", type=int, help="custom V (with --hidden)")
     p.add_argument("--softcap", type=float, default=None, help="custom soft-capping value")
     p.add_argument("--tokens", type=int, action="append", help="N values (repeatable)")
-    p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated providers")
+    p.add_argument("--providers", help="comma-separated providers (default: all; with --cpu-memory, "
+                   f"{','.join(CPU_MEMORY_PROVIDERS)})")  # fmt: skip
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--reps", type=int, default=10)
+    p.add_argument(
+        "--reps", type=int, help="timed runs after 2 warm-ups (default 10 GPU, 3 CPU, 1 --cpu-memory)"
+    )
     p.add_argument(
         "--logit-std", type=float, default=3.0, help="std of the random logits; ~10 gives peaked softmaxes"
     )
     p.add_argument("--csv", help="write the rows as CSV here")
     p.add_argument("--plot", help="write a PNG of time and memory against N here")
     p.add_argument("--cpu-memory", action="store_true", help="extra peak RSS, torch backend vs naive (CPU)")
-    p.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args._child:
@@ -251,7 +287,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     if args.cpu_memory:
         n, d, v = (args.tokens or [4096])[0], args.hidden or 256, args.vocab or 65536
-        rows = cpu_memory(n, d, v)
+        providers = parse_providers(p, args.providers, PROVIDERS) if args.providers else CPU_MEMORY_PROVIDERS
+        rows = cpu_memory(n, d, v, providers, args.reps or 1)
     else:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = getattr(torch, args.dtype)
@@ -267,8 +304,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if device == "cpu":
             print("CPU reduced mode: small shapes, torch backend, fp32; GPU numbers need a GPU.")
             dtype = torch.float32
-            args.reps = min(args.reps, 3)
-        wanted = parse_providers(p, args.providers, PROVIDERS)
+        reps = args.reps or (10 if device == "cuda" else 3)
+        wanted = parse_providers(p, args.providers or ",".join(PROVIDERS), PROVIDERS)
         providers = [x for x in wanted if x == "mm4" or _available(x, device)]
         skipped = sorted(set(wanted) - set(providers))
         if skipped:
@@ -277,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for label, shape in shapes.items():
             for n in tokens:
                 for name in providers:
+                    if name == "torch-chunked" and shape["softcap"] is not None:
+                        continue  # F.linear_cross_entropy has no softcap
                     try:
                         row = bench_one(
                             name,
@@ -286,7 +325,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             shape["softcap"],
                             dtype,
                             device,
-                            args.reps,
+                            reps,
                             args.logit_std,
                         )
                     except torch.OutOfMemoryError:

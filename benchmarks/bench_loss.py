@@ -1,4 +1,4 @@
-"""DPO loss benchmark: one step's loss computation from final hidden states (sigmoid DPO).
+"""Loss benchmark: one step's loss computation from final hidden states (sigmoid DPO, or KTO).
 
 Measured per provider: the policy's forward and backward plus the reference's forward (no grad), median
 time and peak memory. Every provider's loss and dhidden are first checked against float64 on a reduced
@@ -9,8 +9,14 @@ copy of the batch (the first tokens of every sequence).
   liger     Liger-Kernel's LigerFusedLinearDPOLoss (use_ref_model=True)
   fastdpo   fastdpo.FusedLinearDPOLoss (reference hidden states scored inside the same call)
 
+``--loss kto`` times TRL 1.16's KTO loss instead: the 2B rows are unpaired sequences, even rows desirable,
+with a fixed KL term (TRL estimates it from a separate no-grad pass, outside this step). Its providers are
+naive and trl (the same log-probs, then TRL's KTO formula), liger (LigerFusedLinearKTOLoss, use_ref_model)
+and fastdpo (fastdpo.FusedLinearKTOLoss).
+
 GPU:  python benchmarks/bench_loss.py --csv out/loss.csv        (B=4 pairs x 4096 tokens, Llama-3-8B head)
-CPU:  python benchmarks/bench_loss.py                           (reduced mode)
+      python benchmarks/bench_loss.py --loss kto --csv out/loss_kto.csv   (8 sequences x 4096 tokens)
+CPU:  python benchmarks/bench_loss.py [--loss kto]              (reduced mode)
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from common import format_row, median_ms, parse_providers, write_csv
 
 PROVIDERS = ["naive", "trl", "liger", "fastdpo"]
 BETA = 0.1
+KTO_KL = 0.1
 
 
 def _seq_logps_naive(h, w, labels):
@@ -39,31 +46,60 @@ def _sigmoid_dpo(pol, ref):
     return -F.logsigmoid(BETA * ((pc - rc) - (pr - rr))).mean()
 
 
-def make_provider(name: str) -> Callable:
+def _desirable(rows: int, device) -> torch.Tensor:
+    return torch.arange(rows, device=device) % 2 == 0
+
+
+def _kto(pol, ref):
+    """TRL 1.16 KTOTrainer's ``kto`` loss with unit weights and the fixed KL term ``KTO_KL``."""
+    r = pol - ref
+    desirable = _desirable(r.shape[0], r.device)
+    chosen, rejected = 1 - torch.sigmoid(BETA * (r - KTO_KL)), 1 - torch.sigmoid(BETA * (KTO_KL - r))
+    return torch.where(desirable, chosen, rejected).mean()
+
+
+def _seq_logps_trl(h, w, labels):
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+
+    mask = labels != -100
+    tok = ChunkedLogProbFunction.apply(h[mask], w, None, labels[mask], 1.0, 32768, None, 1.0, ())[0]
+    full = torch.zeros(labels.shape, device=h.device, dtype=tok.dtype).masked_scatter(mask, tok)
+    return full.sum(-1)
+
+
+def make_provider(name: str, loss: str = "dpo") -> Callable:
     """Returns ``f(hidden, ref_hidden, weight, labels) -> scalar loss`` (differentiable in hidden, weight)."""
-    if name == "naive":
+    if name in ("naive", "trl"):
+        seq_logps = _seq_logps_naive if name == "naive" else _seq_logps_trl
+        seq_loss = _sigmoid_dpo if loss == "dpo" else _kto
 
-        def naive(h, rh, w, labels):
-            with torch.no_grad():
-                ref = _seq_logps_naive(rh, w, labels)
-            return _sigmoid_dpo(_seq_logps_naive(h, w, labels), ref)
-
-        return naive
-    if name == "trl":
-        from trl.kernels.chunked_logprob import ChunkedLogProbFunction
-
-        def seq_logps(h, w, labels):
-            mask = labels != -100
-            tok = ChunkedLogProbFunction.apply(h[mask], w, None, labels[mask], 1.0, 32768, None, 1.0, ())[0]
-            full = torch.zeros(labels.shape, device=h.device, dtype=tok.dtype).masked_scatter(mask, tok)
-            return full.sum(-1)
-
-        def trl(h, rh, w, labels):
+        def composed(h, rh, w, labels):
             with torch.no_grad():
                 ref = seq_logps(rh, w, labels)
-            return _sigmoid_dpo(seq_logps(h, w, labels), ref)
+            return seq_loss(seq_logps(h, w, labels), ref)
 
-        return trl
+        return composed
+    if name == "liger" and loss == "kto":
+        from liger_kernel.chunked_loss import LigerFusedLinearKTOLoss
+
+        # torch.compile (Liger's default) needs a GPU toolchain; CPU runs eager.
+        kto = LigerFusedLinearKTOLoss(beta=BETA, use_ref_model=True, compiled=torch.cuda.is_available())
+
+        def liger_kto(h, rh, w, labels):
+            kl = torch.tensor(KTO_KL, device=h.device)
+            return kto(h, w, labels, None, _desirable(h.shape[0], h.device), rh, w, None, kl)[0]
+
+        return liger_kto
+    if name == "fastdpo" and loss == "kto":
+        from fastdpo import FusedLinearKTOLoss
+
+        kto = FusedLinearKTOLoss(beta=BETA)
+
+        def fastdpo_kto(h, rh, w, labels):
+            desirable = _desirable(h.shape[0], h.device)
+            return kto(h, w, labels, preference_labels=desirable, ref_hidden=rh, kl=KTO_KL).loss
+
+        return fastdpo_kto
     if name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
@@ -87,7 +123,7 @@ def _batch(pairs, seq, d, v, dtype, device, prompt_frac=0.25, seed=0):
     return h, rh, w, labels
 
 
-def check_provider(fn, h, rh, w, labels, tokens: int = 128) -> tuple[float, float]:
+def check_provider(fn, h, rh, w, labels, tokens: int = 128, seq_loss=_sigmoid_dpo) -> tuple[float, float]:
     """|loss - ref| and max |dhidden - ref| on the first ``tokens`` of every sequence, against float64."""
     hs = h[:, :tokens].detach().clone().requires_grad_()
     ws = w.detach()
@@ -97,16 +133,17 @@ def check_provider(fn, h, rh, w, labels, tokens: int = 128) -> tuple[float, floa
     w64 = ws.double()
     with torch.no_grad():
         ref_ref = _seq_logps_naive(rh[:, :tokens].double(), w64, labels[:, :tokens])
-    ref = _sigmoid_dpo(_seq_logps_naive(h64, w64, labels[:, :tokens]), ref_ref)
+    ref = seq_loss(_seq_logps_naive(h64, w64, labels[:, :tokens]), ref_ref)
     ref.backward()
     return abs(loss.item() - ref.item()), (hs.grad.double() - h64.grad).abs().max().item()
 
 
-def bench_one(name, pairs, seq, d, v, dtype, device, reps) -> dict:
+def bench_one(name, pairs, seq, d, v, dtype, device, reps, loss="dpo") -> dict:
     h, rh, w, labels = _batch(pairs, seq, d, v, dtype, device)
-    fn = make_provider(name)
-    row = dict(provider=name, pairs=pairs, seq=seq, hidden=d, vocab=v, dtype=str(dtype)[6:])
-    row["loss_err"], row["dh_err"] = check_provider(fn, h, rh, w, labels)
+    fn = make_provider(name, loss)
+    row = dict(provider=name, loss=loss, pairs=pairs, seq=seq, hidden=d, vocab=v, dtype=str(dtype)[6:])
+    seq_loss = _sigmoid_dpo if loss == "dpo" else _kto
+    row["loss_err"], row["dh_err"] = check_provider(fn, h, rh, w, labels, seq_loss=seq_loss)
 
     def step():
         h.grad = None
@@ -133,6 +170,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--hidden", type=int, default=None, help="D (default 4096 on GPU)")
     p.add_argument("--vocab", type=int, default=None, help="V (default 128256 on GPU)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--loss", default="dpo", choices=["dpo", "kto"], help="sigmoid DPO, or KTO on 2B rows")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--csv", help="write the rows as CSV here")
@@ -153,7 +191,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in wanted:
         try:
-            row = bench_one(name, pairs, seq, d, v, dtype, device, args.reps)
+            row = bench_one(name, pairs, seq, d, v, dtype, device, args.reps, args.loss)
         except ImportError as exc:
             print(f"skipped {name}: {exc}")
             continue

@@ -86,7 +86,7 @@ def _flops_per_token(model, lora: bool) -> float:
 def run_fastdpo(args, shape, tokens: int, prompt_len: int, response_len: int, shared_prompt: bool) -> dict:
     import torch
 
-    from fastdpo.trainer import TrainConfig, Trainer
+    from fastdpo.train import TrainConfig, Trainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32

@@ -32,4 +32,5 @@ if [[ $what == head || $what == all ]]; then
 fi
 if [[ $what == loss || $what == all ]]; then
   python3 benchmarks/bench_loss.py --csv "$out/loss.csv" 2>&1 | tee "$out/loss.log"
+  python3 benchmarks/bench_loss.py --loss kto --csv "$out/loss_kto.csv" 2>&1 | tee "$out/loss_kto.log"
 fi

@@ -1,6 +1,7 @@
 """fastdpo: fast, memory-lean DPO. Fused lm_head log-probs, fused preference losses, a packed trainer."""
 
 from fastdpo.losses import FusedLinearDPOLoss, PreferenceLossOutput, fused_linear_dpo_loss, sequence_logps
+from fastdpo.losses.kto import FusedLinearKTOLoss, KTOLossOutput
 from fastdpo.ops.linear_logprobs import linear_logprobs
 from fastdpo.packing import PackedBatch
 
@@ -8,6 +9,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedLinearDPOLoss",
+    "FusedLinearKTOLoss",
+    "KTOLossOutput",
     "PackedBatch",
     "PreferenceLossOutput",
     "fused_linear_dpo_loss",

@@ -3,29 +3,43 @@
 ``fastdpo train --config run.yaml --lr 5e-7 --set beta=0.05`` builds a ``TrainConfig`` from the dataclass
 defaults, then the YAML file, then the ``--<option>`` flags, then the ``--set key=value`` pairs (later wins),
 and runs the packed trainer. Every ``TrainConfig`` field is a flag; ``fastdpo train --help`` lists them all.
+
+Errors: before any model loads, ``train`` checks the data paths, the model, tokenizer and reference paths,
+the device and that the output folder can be written. Problems the user can fix print one line,
+``fastdpo <command>: error: <message>``, and exit with status 2, as argparse's usage errors do: a
+``fastdpo.errors.UserError`` raised anywhere, and a ``ValueError``, ``TypeError`` or ``OSError`` raised by
+those checks or by reading the config. Anything else is a bug and keeps its traceback (status 1);
+``--debug`` prints the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import importlib.util
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import traceback
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import yaml
 
-from fastdpo.trainer import TrainConfig, train
+from fastdpo.data_sources import check_data_path
+from fastdpo.errors import UserError
+from fastdpo.train import TrainConfig, train
 
-__all__ = ["build_parser", "load_config", "main"]
+__all__ = ["build_parser", "check_run", "load_config", "main"]
 
 # Help sections of ``fastdpo train --help``: title and the first field of each, in field order.
 _SECTIONS = (
@@ -37,6 +51,9 @@ _SECTIONS = (
     ("run", "output_dir"),
 )
 _BENCHMARKS = ("logprobs", "loss")
+_DEBUG_HELP = "show the full traceback of an error the user can fix (bad data, path or option)"
+# A value such as -1e-3 or -inf: argparse takes only -1 and -.5 for values, the rest for options.
+_NEGATIVE_NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf(inity)?|-nan", re.IGNORECASE)
 
 
 def _metavar(hint: Any) -> str:
@@ -73,10 +90,15 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The ``fastdpo`` argument parser with its ``train``, ``demo`` and ``bench`` subcommands."""
     parser = argparse.ArgumentParser(prog="fastdpo", description="Fast, memory-lean DPO: train, demo, bench.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # Accepted after the command name too; SUPPRESS keeps a subcommand from resetting a leading --debug.
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
 
     train = commands.add_parser(
         "train",
+        parents=[debug],
         usage="fastdpo train [-h] [-c YAML] [--set KEY=VALUE ...] [--print-config] [--OPTION VALUE ...]",
         help="packed DPO training from a YAML config and overrides",
         description="Packed DPO training. Options come from the dataclass defaults, then --config, then the "
@@ -98,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
+        parents=[debug],
         help="SFT then DPO a tiny model on addition, on CPU in a few minutes",
         description="Builds a small Llama and tokenizer locally, SFTs it on sloppy addition data, runs DPO "
         "through the packed trainer and reports held-out reward accuracy before and after.",
@@ -105,14 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seed", type=int, default=0, help="seed of the problems, init and training (default: 0)"
     )
-    demo.add_argument("--sft-steps", type=int, default=1200, help="SFT steps (default: 1200)")
-    demo.add_argument("--dpo-steps", type=int, default=60, help="DPO steps (default: 60)")
+    demo.add_argument("--sft-steps", type=_positive_int, default=1200, help="SFT steps (default: 1200)")
+    demo.add_argument("--dpo-steps", type=_positive_int, default=60, help="DPO steps (default: 60)")
     demo.add_argument(
-        "--workdir", help="keep the SFT model, the pairs and the DPO run here (default: a temp dir)"
+        "--loss",
+        choices=("dpo", "kto"),
+        default="dpo",
+        help="dpo: preference pairs; kto: unpaired thumbs-up/down answers, KTO through the same trainer, "
+        "--dpo-steps steps (default: dpo)",
+    )
+    demo.add_argument(
+        "--workdir",
+        help="keep the SFT model, the pairs and the DPO run (final model in dpo/final) here "
+        "(default: a new runs/demo-<time>-<id> folder)",
     )
 
     bench = commands.add_parser(
         "bench",
+        parents=[debug],
         help="run benchmarks/bench_logprobs.py or bench_loss.py",
         usage="fastdpo bench [-h] [{logprobs,loss,all}] [--model-config JSON] [--hidden D --vocab V] "
         "[--tokens N ...] [script options ...]",
@@ -134,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default="bench-results", help="folder for the CSVs and the plot (default: bench-results)"
     )
+    for sub in (train, demo, bench):
+        sub.set_defaults(command_parser=sub)
     return parser
 
 
@@ -160,7 +195,7 @@ def load_config(
     if path is not None:
         try:
             loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
             raise ValueError(f"--config {path}: cannot read it as YAML ({e})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(
@@ -222,53 +257,187 @@ def _bench_argv(name: str, args: argparse.Namespace, extra: list[str]) -> list[s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastdpo`` command; returns the exit status."""
+    """Entry point of the ``fastdpo`` command; returns the exit status (2 for an error the user can fix)."""
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     # An optional positional would swallow the value of a passed-through option (--reps 2), so a bare
     # `fastdpo bench ...` gets its default name here instead.
     if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*_BENCHMARKS, "all", "-h", "--help")):
         argv.insert(1, "all")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(_unrecognized(args.command_parser, extra))
     # Under torchrun only rank 0 reports; the other ranks show warnings and errors.
     main_rank = os.environ.get("RANK", "0") in ("", "0")
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="%(message)s")
-    if args.command == "train":
-        names = {f.name for f in dataclasses.fields(TrainConfig)}
-        flags = {k: v for k, v in vars(args).items() if k in names}
-        try:
-            config = load_config(args.config, flags=flags, overrides=args.overrides)
-        except (ValueError, TypeError) as e:
-            return _fail("train", e)
+    try:
+        if args.command == "train":
+            return _train(args, main_rank)
+        if args.command == "demo":
+            return _demo(args)
+        return _bench(args, extra)
+    except UserError as e:
+        return _fail(args, e)
+
+
+def _train(args: argparse.Namespace, main_rank: bool) -> int:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        config = load_config(args.config, flags=flags, overrides=args.overrides)
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        results = train(config)
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        for split, metrics in results.items() if main_rank else ():
-            shown = ", ".join(
-                f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/"))
-            )
-            print(f"{split}: {shown}")
-    elif args.command == "demo":
-        from fastdpo.demo import run_demo
-
-        run_demo(seed=args.seed, sft_steps=args.sft_steps, dpo_steps=args.dpo_steps, workdir=args.workdir)
-    else:
-        names = _BENCHMARKS if args.name == "all" else (args.name,)
-        try:
-            runs = [(_bench_module(name), _bench_argv(name, args, extra)) for name in names]
-        except (ValueError, FileNotFoundError) as e:
-            return _fail("bench", e)
-        for name, (module, bench_argv) in zip(names, runs, strict=True):
-            print(f"fastdpo bench {name}: bench_{name}.main({bench_argv})", flush=True)
-            module.main(bench_argv)
+        check_run(config)
+    except (ValueError, TypeError, OSError) as e:
+        return _fail(args, e)
+    results = train(config)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for split, metrics in results.items() if main_rank else ():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/")))
+        print(f"{split}: {shown}")
     return 0
 
 
-def _fail(command: str, error: Exception) -> int:
-    print(f"fastdpo {command}: error: {error}", file=sys.stderr)
+def _demo(args: argparse.Namespace) -> int:
+    from fastdpo.demo import run_demo
+
+    if args.workdir is not None:
+        _check_writable_dir("--workdir", args.workdir)
+    run_demo(
+        seed=args.seed,
+        sft_steps=args.sft_steps,
+        dpo_steps=args.dpo_steps,
+        workdir=args.workdir,
+        loss=args.loss,
+    )
+    return 0
+
+
+def _bench(args: argparse.Namespace, extra: list[str]) -> int:
+    names = _BENCHMARKS if args.name == "all" else (args.name,)
+    try:
+        runs = [(_bench_module(name), _bench_argv(name, args, extra)) for name in names]
+    except (ValueError, OSError) as e:
+        return _fail(args, e)
+    # The scripts save their CSV and plot straight into this folder.
+    _check_writable_dir("--out", args.out)
+    for name, (module, bench_argv) in zip(names, runs, strict=True):
+        print(f"fastdpo bench {name}: bench_{name}.main({bench_argv})", flush=True)
+        module.main(bench_argv)
+    return 0
+
+
+def check_run(config: TrainConfig) -> None:
+    """Checks what ``train(config)`` needs from outside before any model loads.
+
+    The device exists, the model, tokenizer and reference model name existing folders (or hub ids), the data
+    files exist and have a supported type, and the output and cache folders can be created and written.
+
+    Raises:
+        UserError: What is missing or wrong, naming the option.
+    """
+    _check_device(config.device)
+    for option in ("model", "ref_model", "tokenizer"):
+        if getattr(config, option):
+            _check_model_path(option, getattr(config, option))
+    for option in ("data", "eval_data"):
+        if getattr(config, option):
+            try:
+                check_data_path(getattr(config, option))
+            except (OSError, UserError) as e:
+                raise UserError(f"{option}: {e}") from None
+    for option in ("output_dir", "cache_dir"):
+        if getattr(config, option):
+            _check_writable_dir(option, getattr(config, option))
+
+
+def _check_device(device: str) -> None:
+    """Asks torch whether the CUDA device exists without creating a CUDA context."""
+    kind, _, index = device.partition(":")
+    if kind != "cuda":
+        return
+    if index and not index.isdigit():
+        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"device: {device!r} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, "
+            f"CUDA build {torch.version.cuda}); use --device cpu or --device auto"
+        )
+    count = torch.cuda.device_count()
+    if int(index or 0) >= count:
+        raise UserError(
+            f"device: {device!r}, but torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+        )
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for a name that cannot be a hub id (``name`` or ``org/name``), or whose folder part exists."""
+    if name.startswith((".", "~", os.sep)) or (os.altsep and os.altsep in name):
+        return True
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or ".." in name or "--" in name:
+        return True
+    parent = os.path.dirname(name)
+    return bool(parent) and os.path.isdir(parent)
+
+
+def _check_model_path(option: str, name: str) -> None:
+    path = Path(name)
+    if not path.exists():
+        if _looks_like_path(name):
+            raise UserError(
+                f"{option}: {name}: no such folder (expected a save_pretrained folder or a hub id)"
+            )
+        return  # a hub id, resolved (or not) by transformers
+    if not path.is_dir():
+        raise UserError(f"{option}: {name} is a file; expected a save_pretrained folder or a hub id")
+    wanted = "tokenizer_config.json" if option == "tokenizer" else "config.json"
+    if not (path / wanted).is_file():
+        raise UserError(f"{option}: {name} has no {wanted}; expected a save_pretrained folder")
+
+
+def _check_writable_dir(option: str, name: str) -> None:
+    """Creates the folder and a scratch file in it, so that a run never fails on it after loading a model."""
+    try:
+        Path(name).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=name):
+            pass
+    except OSError as e:
+        raise UserError(f"{option}: cannot create or write the folder {name} ({e.strerror or e})") from None
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {value}")
+    return value
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """``--lr -1e-3`` -> ``--lr=-1e-3``, so that a negative number after an option is its value."""
+    out: list[str] = []
+    for arg in argv:
+        if out and _NEGATIVE_NUMBER.fullmatch(arg) and out[-1].startswith("--") and "=" not in out[-1]:
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extra: list[str]) -> str:
+    """argparse's message for unknown arguments, with the closest option of ``parser`` for each."""
+    # argparse keeps the option strings only in its private action list.
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    shown = []
+    for arg in extra:
+        close = difflib.get_close_matches(arg.partition("=")[0], options, n=1) if arg.startswith("--") else []
+        shown.append(f"{arg} (did you mean {close[0]}?)" if close else arg)
+    return f"unrecognized arguments: {' '.join(shown)}"
+
+
+def _fail(args: argparse.Namespace, error: BaseException) -> int:
+    if args.debug:
+        traceback.print_exception(error)
+    print(f"fastdpo {args.command}: error: {error}", file=sys.stderr)
     return 2

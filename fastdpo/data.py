@@ -3,7 +3,7 @@
 ``load_preference_data`` reads a file, a saved ``datasets`` directory or in-memory rows, validates every row
 and normalizes it to ``prompt``/``chosen``/``rejected``, each a string (standard format) or a list of
 ``{role, content}`` messages (conversational format). ``tokenize_preferences`` turns that into token ids,
-truncates them and caches the result on disk.
+truncates them and caches the result on disk. Reading the files themselves is ``fastdpo.data_sources``'s job.
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import os
 import shutil
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import datasets
 import jinja2
-import pyarrow.parquet as pq
 from transformers import PreTrainedTokenizerBase
+
+from fastdpo.data_sources import InvalidRow, describe, source_rows
+from fastdpo.errors import UserError
 
 __all__ = ["DataReport", "load_preference_data", "tokenize_preferences"]
 
@@ -78,19 +79,6 @@ class DataReport:
         )
 
 
-class _InvalidRow(Exception):
-    """A row matching no supported format; ``reason`` is its key in ``DataReport.rows_dropped``."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
-
-
 def _messages(value: Any, name: str, role_key: str = "role", content_key: str = "content") -> list[dict]:
     messages = []
     for i, message in enumerate(value):
@@ -99,10 +87,10 @@ def _messages(value: Any, name: str, role_key: str = "role", content_key: str = 
             and isinstance(message.get(role_key), str)
             and isinstance(message.get(content_key), str)
         ):
-            raise _InvalidRow(
+            raise InvalidRow(
                 "invalid_type",
                 f"'{name}' message {i}: expected an object with string '{role_key}' and '{content_key}', "
-                f"got {_describe(message)}",
+                f"got {describe(message)}",
             )
         messages.append({"role": message[role_key], "content": message[content_key]})
     return messages
@@ -113,9 +101,9 @@ def _text_or_messages(value: Any, name: str) -> str | list[dict]:
         return value
     if isinstance(value, list):
         return _messages(value, name)
-    raise _InvalidRow(
+    raise InvalidRow(
         "invalid_type",
-        f"'{name}': expected a string or a list of {{role, content}} messages, got {_describe(value)}",
+        f"'{name}': expected a string or a list of {{role, content}} messages, got {describe(value)}",
     )
 
 
@@ -124,20 +112,20 @@ def _sharegpt_turn(value: Any, name: str) -> list[dict]:
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
         return _sharegpt_messages([value], name)
-    raise _InvalidRow(
-        "invalid_type", f"'{name}': expected a {{from, value}} object or a string, got {_describe(value)}"
+    raise InvalidRow(
+        "invalid_type", f"'{name}': expected a {{from, value}} object or a string, got {describe(value)}"
     )
 
 
 def _sharegpt_messages(value: Any, name: str) -> list[dict]:
     if not isinstance(value, list):
-        raise _InvalidRow(
-            "invalid_type", f"'{name}': expected a list of {{from, value}} turns, got {_describe(value)}"
+        raise InvalidRow(
+            "invalid_type", f"'{name}': expected a list of {{from, value}} turns, got {describe(value)}"
         )
     messages = _messages(value, name, role_key="from", content_key="value")
     for i, message in enumerate(messages):
         if message["role"] not in _SHAREGPT_ROLES:
-            raise _InvalidRow(
+            raise InvalidRow(
                 "invalid_type",
                 f"'{name}' turn {i}: expected 'from' in {sorted(_SHAREGPT_ROLES)}, got {message['role']!r}",
             )
@@ -158,30 +146,28 @@ def _split_implicit(chosen: str | list[dict], rejected: str | list[dict]) -> tup
         ):
             end -= 1
     if end == 0:
-        raise _InvalidRow(
+        raise InvalidRow(
             "no_common_prompt", "implicit prompt: 'chosen' and 'rejected' share no leading prompt"
         )
     return chosen[:end], chosen[end:], rejected[end:]
 
 
 def _normalize_row(row: Any) -> dict[str, Any]:
-    """Validates one raw row and returns it as prompt/chosen/rejected, or raises ``_InvalidRow``."""
+    """Validates one raw row and returns it as prompt/chosen/rejected, or raises ``InvalidRow``."""
     if not isinstance(row, dict):
-        raise _InvalidRow("not_an_object", f"expected {_EXPECTED}, got {_describe(row)}")
+        raise InvalidRow("not_an_object", f"expected {_EXPECTED}, got {describe(row)}")
     sharegpt = row.get("conversations") is not None
     for name in ("chosen", "rejected"):
         if row.get(name) is None:
-            raise _InvalidRow(
+            raise InvalidRow(
                 "missing_column", f"missing '{name}'; expected {_EXPECTED}, got keys {sorted(row)}"
             )
     convert = _sharegpt_turn if sharegpt else _text_or_messages
     chosen, rejected = convert(row["chosen"], "chosen"), convert(row["rejected"], "rejected")
     if type(chosen) is not type(rejected):
-        raise _InvalidRow(
-            "mixed_format", "'chosen' and 'rejected' must both be strings or both message lists"
-        )
+        raise InvalidRow("mixed_format", "'chosen' and 'rejected' must both be strings or both message lists")
     if chosen == rejected:
-        raise _InvalidRow("identical_responses", "'chosen' and 'rejected' are identical")
+        raise InvalidRow("identical_responses", "'chosen' and 'rejected' are identical")
     prompt = row.get("prompt")
     if sharegpt:
         prompt = _sharegpt_messages(row["conversations"], "conversations")
@@ -195,80 +181,15 @@ def _normalize_row(row: Any) -> dict[str, Any]:
     else:
         prompt = _text_or_messages(prompt, "prompt")
     if type(prompt) is not type(chosen):
-        raise _InvalidRow(
+        raise InvalidRow(
             "mixed_format", "'prompt', 'chosen' and 'rejected' must all be strings or all message lists"
         )
     if not prompt or (isinstance(prompt, str) and not prompt.strip()):
-        raise _InvalidRow("empty_prompt", "'prompt' is empty")
+        raise InvalidRow("empty_prompt", "'prompt' is empty")
     for name, response in (("chosen", chosen), ("rejected", rejected)):
         if not response or (isinstance(response, str) and not response.strip()):
-            raise _InvalidRow("empty_response", f"'{name}' response is empty")
+            raise InvalidRow("empty_response", f"'{name}' response is empty")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-
-
-def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
-    """Yields (location, row) per non-blank line; an unparsable line yields an ``_InvalidRow`` as its row."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{name} line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield (
-                    f"{name} line {lineno}",
-                    _InvalidRow("invalid_json", f"invalid JSON ({e.msg} at column {e.colno})"),
-                )
-
-
-def _pick_split(data: datasets.Dataset | datasets.DatasetDict, split: str, name: str) -> datasets.Dataset:
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"{name}: split {split!r} not found; expected one of {sorted(data)}")
-        return data[split]
-    return data
-
-
-def _source_rows(source: Any, split: str) -> Iterable[tuple[str, Any]]:
-    """Returns (location, raw row) pairs for any supported source."""
-    if isinstance(source, (datasets.Dataset, datasets.DatasetDict)):
-        return [(f"row {i}", row) for i, row in enumerate(_pick_split(source, split, "dataset").to_list())]
-    if isinstance(source, list):
-        return [(f"row {i}", row) for i, row in enumerate(source)]
-    if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(
-            "source: expected a path, a datasets.Dataset/DatasetDict or a list of dicts, "
-            f"got {type(source).__name__}"
-        )
-    path, name = Path(source), os.fspath(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{name}: no such file or directory")
-    if path.is_dir():
-        if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-            raise ValueError(f"{name}: expected a directory written by datasets' save_to_disk")
-        rows = _pick_split(datasets.load_from_disk(name), split, name).to_list()
-        return [(f"{name} row {i}", row) for i, row in enumerate(rows)]
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return _jsonl_rows(path, name)
-    if suffix == ".parquet":
-        return [(f"{name} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    if suffix == ".json":
-        text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data":  # several top-level values: JSON Lines saved as .json
-                return _jsonl_rows(path, name)
-            raise ValueError(f"{name} line {e.lineno} column {e.colno}: invalid JSON ({e.msg})") from None
-        if not isinstance(data, list):
-            raise ValueError(
-                f"{name}: expected a JSON array of row objects or JSON Lines, got {_describe(data)}"
-            )
-        return [(f"{name} row {i}", row) for i, row in enumerate(data)]
-    raise ValueError(
-        f"{name}: unsupported file type {suffix!r}; expected .jsonl, .json, .parquet or a saved dataset"
-    )
 
 
 def load_preference_data(
@@ -294,24 +215,25 @@ def load_preference_data(
         The normalized dataset, where each column holds strings or message lists for every row, and a report.
 
     Raises:
-        ValueError: A row is invalid (the message names the file and line or row) and ``skip_invalid`` is
-            false, or the source cannot be read.
+        UserError: (a ``ValueError``) A row is invalid or a line holds bytes that are not UTF-8 (the message
+            names the file and line or row) and ``skip_invalid`` is false, or the source cannot be read.
+        FileNotFoundError: Nothing exists at ``source``.
     """
     report = DataReport()
     rows: list[dict[str, Any]] = []
-    for location, raw in _source_rows(source, split):
+    for location, raw in source_rows(source, split):
         report.rows_read += 1
         try:
-            if isinstance(raw, _InvalidRow):
+            if isinstance(raw, InvalidRow):
                 raise raw
             row = _normalize_row(raw)
             if rows and type(row["prompt"]) is not type(rows[0]["prompt"]):
-                raise _InvalidRow(
+                raise InvalidRow(
                     "mixed_format", "rows mix standard (string) and conversational (message) formats"
                 )
-        except _InvalidRow as e:
+        except InvalidRow as e:
             if not skip_invalid:
-                raise ValueError(f"{location}: {e}") from None
+                raise UserError(f"{location}: {e}") from None
             report.rows_dropped[e.reason] = report.rows_dropped.get(e.reason, 0) + 1
             continue
         rows.append(row)
@@ -333,16 +255,23 @@ def _cut(ids: list[int], length: int, mode: str) -> list[int]:
     return ids[:length] if mode == "keep_start" else ids[len(ids) - length :]
 
 
-def _render(tokenizer: PreTrainedTokenizerBase, index: int, prompt: list, responses: list[list]) -> list[str]:
-    """Renders a conversation as [prompt text, prompt+response texts...], checking the prompt is a prefix."""
+def _render(
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    prompt: list,
+    responses: list[list],
+    names: tuple[str, ...] = ("chosen", "rejected"),
+) -> list[str]:
+    """Renders a conversation as [prompt text, prompt+response texts...], checking the prompt is a prefix;
+    ``names`` name the responses in errors."""
     try:
         texts = [tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)]
         texts += [tokenizer.apply_chat_template(prompt + r, tokenize=False) for r in responses]
     except jinja2.TemplateError as e:
-        raise ValueError(f"row {index}: the chat template failed to render: {e}") from None
-    for name, text in zip(("chosen", "rejected"), texts[1:], strict=True):
+        raise UserError(f"row {index}: the chat template failed to render: {e}") from None
+    for name, text in zip(names, texts[1:], strict=True):
         if not text.startswith(texts[0]):
-            raise ValueError(
+            raise UserError(
                 f"row {index}: the chat template does not render the prompt (add_generation_prompt=True) "
                 f"as a prefix of prompt+{name}: the prompt ends {texts[0][-60:]!r} but prompt+{name} has "
                 f"{text[: len(texts[0])][-60:]!r} there; use a template whose generation prompt opens the "
@@ -478,9 +407,9 @@ def tokenize_preferences(
         raise ValueError(f"max_prompt_length: expected None or an int >= 1, got {max_prompt_length!r}")
     conversational = features["prompt"] == _MESSAGE_FEATURE
     if conversational and not tokenizer.chat_template:
-        raise ValueError("tokenizer: conversational data needs a chat_template, but the tokenizer has none")
+        raise UserError("tokenizer: conversational data needs a chat_template, but the tokenizer has none")
     if not conversational and tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise UserError(
             "tokenizer: standard-format responses get EOS appended, but the tokenizer has no eos_token"
         )
 

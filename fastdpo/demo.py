@@ -11,6 +11,10 @@ The task is two-number addition (``"38+45="`` -> ``"83"``), so every answer can 
 4. Report on held-out problems that neither SFT nor DPO saw: reward accuracy (TRL's definition, the
    fraction of pairs with ``beta * (log-ratio chosen) > beta * (log-ratio rejected)``) and mean margin,
    before and after DPO, plus greedy answers and sample generations.
+
+``--loss kto`` replaces step 3 by KTO on unpaired thumbs-up / thumbs-down feedback made from the same
+task: each training problem gets one answer, the right one (desirable) or the near miss (undesirable), in
+turn. The held-out report is then the gap between the mean rewards of desirable and undesirable answers.
 """
 
 from __future__ import annotations
@@ -29,9 +33,18 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from fastdpo.trainer import TrainConfig, Trainer
+from fastdpo.train import TrainConfig, Trainer
 
-__all__ = ["DemoResult", "addition_pairs", "build_model", "build_tokenizer", "demo_train_config", "run_demo"]
+__all__ = [
+    "DEMO_LOSSES",
+    "DemoResult",
+    "addition_feedback",
+    "addition_pairs",
+    "build_model",
+    "build_tokenizer",
+    "demo_train_config",
+    "run_demo",
+]
 
 _CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -41,6 +54,7 @@ _CHAT_TEMPLATE = (
 )
 _SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
 _CHARS = "0123456789+= "
+DEMO_LOSSES = ("dpo", "kto")
 
 
 @dataclass
@@ -48,10 +62,12 @@ class DemoResult:
     """Held-out numbers of one demo run.
 
     Attributes:
-        accuracy_before: Reward accuracy before DPO (0: the policy is still the reference, all rewards are 0).
-        accuracy_after: Reward accuracy after DPO.
-        margin_before: Mean reward margin ``chosen - rejected`` before DPO.
-        margin_after: Mean reward margin after DPO.
+        accuracy_before: Reward accuracy before DPO (0: the policy is still the reference, all rewards are 0);
+            NaN for KTO, which scores unpaired answers.
+        accuracy_after: Reward accuracy after DPO (NaN for KTO).
+        margin_before: Mean reward margin ``chosen - rejected`` before DPO; for KTO the gap between the
+            mean rewards of desirable and undesirable answers (TRL's KTO ``rewards/margins``).
+        margin_after: The same after training.
         answers_before: Fraction of held-out problems the SFT model answers right, greedily.
         answers_after: The same after DPO.
         summary: The demo's last printed line.
@@ -130,6 +146,18 @@ def addition_pairs(problems: list[tuple[int, int]]) -> list[dict]:
         }
         for a, b in problems
     ]
+
+
+def addition_feedback(problems: list[tuple[int, int]], *, both: bool = False) -> list[dict]:
+    """Unpaired (KTO) rows: problem ``i`` gets the right answer (``label`` True) when ``i`` is even, else
+    the near miss (False); with ``both``, every problem gets both rows."""
+    rows = []
+    for i, (a, b) in enumerate(problems):
+        for desirable in (True, False) if both else (i % 2 == 0,):
+            answer = a + b if desirable else _near_miss(a, b)
+            prompt, completion = _row(a, b, answer)
+            rows.append({"prompt": [prompt], "completion": [completion], "label": desirable})
+    return rows
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, a: int, b: int, answer: int) -> tuple[list[int], list[int]]:
@@ -248,6 +276,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
 
+def _new_run_dir() -> Path:
+    """A new folder ``runs/demo-<UTC time>-<random>``; the random part keeps demos started together apart."""
+    Path("runs").mkdir(exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("demo-%Y%m%d-%H%M%S-", time.gmtime()), dir="runs"))
+
+
 def demo_train_config(
     workdir: str | Path,
     *,
@@ -257,18 +291,22 @@ def demo_train_config(
     tokens_per_step: int = 1024,
     seed: int = 0,
     progress: bool = True,
+    loss: str = "dpo",
 ) -> TrainConfig:
-    """The DPO step's ``TrainConfig`` over the files the demo writes to ``workdir``.
+    """The DPO (or KTO) step's ``TrainConfig`` over the files the demo writes to ``workdir``.
 
     With the defaults and ``workdir="runs/demo"`` it equals ``configs/demo.yaml``, so after
-    ``fastdpo demo --workdir runs/demo``, ``fastdpo train -c configs/demo.yaml`` repeats the DPO step.
+    ``fastdpo demo --workdir runs/demo``, ``fastdpo train -c configs/demo.yaml`` repeats the DPO step;
+    likewise ``loss="kto"`` with ``workdir="runs/demo-kto"`` and ``configs/kto.yaml``.
     """
     root = Path(workdir)
+    kto = loss == "kto"
     return TrainConfig(
         model=str(root / "sft"),
-        data=str(root / "train.jsonl"),
-        eval_data=str(root / "heldout.jsonl"),
-        output_dir=str(root / "dpo"),
+        data=str(root / ("feedback.jsonl" if kto else "train.jsonl")),
+        eval_data=str(root / ("heldout_feedback.jsonl" if kto else "heldout.jsonl")),
+        output_dir=str(root / loss),
+        loss_type="kto" if kto else "sigmoid",
         beta=beta,
         lr=lr,
         max_steps=max_steps,
@@ -306,6 +344,7 @@ def run_demo(
     workdir: str | Path | None = None,
     progress: bool = True,
     echo: Callable[[str], None] = print,
+    loss: str = "dpo",
 ) -> DemoResult:
     """Runs the demo and prints its story, ending in ``held-out reward accuracy x -> y, mean margin a -> b``.
 
@@ -325,9 +364,13 @@ def run_demo(
         beta: DPO beta.
         tokens_per_step: Packed tokens per DPO step.
         seed: Seed of the problems, the model init, SFT sampling and the trainer.
-        workdir: Folder for the saved SFT model, the JSONL pairs and the DPO run; a temporary one if None.
+        workdir: Folder for the saved SFT model, the JSONL pairs and the DPO run (final model in
+            ``dpo/final``); if None, a new ``runs/demo-<UTC time>-<random>`` folder under the current one.
         progress: Show the trainer's progress bars.
         echo: Where the story lines go.
+        loss: ``"dpo"`` (preference pairs) or ``"kto"`` (unpaired feedback; ``dpo_*`` and ``beta`` then
+            apply to the KTO step, and the run goes to ``kto`` instead of ``dpo``). The KTO demo ends in
+            ``held-out desirable vs undesirable reward gap a -> b``.
 
     Returns:
         The held-out numbers and the summary line.
@@ -338,6 +381,9 @@ def run_demo(
         raise ValueError(f"heldout_fraction: expected a float in (0, 1), got {heldout_fraction}")
     if not 0 <= slip_rate <= 1:
         raise ValueError(f"slip_rate: expected a float in [0, 1], got {slip_rate}")
+    if loss not in DEMO_LOSSES:
+        raise ValueError(f"loss: expected one of {list(DEMO_LOSSES)}, got {loss!r}")
+    method = loss.upper()
     start = time.perf_counter()
     rng = random.Random(seed)
     problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
@@ -373,13 +419,17 @@ def run_demo(
         if len(samples_before) == 3:
             break
 
-    with tempfile.TemporaryDirectory(prefix="fastdpo-demo-") as tmp, _quiet_library_bars():
-        root = Path(workdir) if workdir is not None else Path(tmp)
+    root = Path(workdir) if workdir is not None else _new_run_dir()
+    with _quiet_library_bars():
         root.mkdir(parents=True, exist_ok=True)
         sft_model.save_pretrained(root / "sft")
         tokenizer.save_pretrained(root / "sft")
-        _write_jsonl(root / "train.jsonl", addition_pairs(seen))
-        _write_jsonl(root / "heldout.jsonl", addition_pairs(heldout))
+        if loss == "kto":
+            _write_jsonl(root / "feedback.jsonl", addition_feedback(seen))
+            _write_jsonl(root / "heldout_feedback.jsonl", addition_feedback(heldout, both=True))
+        else:
+            _write_jsonl(root / "train.jsonl", addition_pairs(seen))
+            _write_jsonl(root / "heldout.jsonl", addition_pairs(heldout))
         config = demo_train_config(
             root,
             beta=beta,
@@ -388,10 +438,16 @@ def run_demo(
             tokens_per_step=tokens_per_step,
             seed=seed,
             progress=progress,
+            loss=loss,
+        )
+        data = (
+            f"{len(seen)} unpaired answers (right: desirable, near miss: undesirable, in turn)"
+            if loss == "kto"
+            else f"{len(seen)} pairs (right answer vs near miss)"
         )
         echo(
-            f"2) DPO with the packed trainer (fastdpo train's code path): {len(seen)} pairs "
-            f"(right answer vs near miss), {dpo_steps} steps of <= {tokens_per_step} tokens, beta {beta}"
+            f"2) {method} with the packed trainer (fastdpo train's code path): {data}, {dpo_steps} steps "
+            f"of <= {tokens_per_step} tokens, beta {beta}"
         )
         trainer = Trainer(config)
         before = trainer.evaluate()
@@ -399,17 +455,28 @@ def run_demo(
         answers_after = _answers_right(trainer.model, tokenizer, heldout)
         samples_after = {p: _generate(trainer.model, tokenizer, *p) for p in samples_before}
 
-    echo(f"3) {len(heldout)} held-out problems, unseen by SFT and DPO")
+    echo(f"3) {len(heldout)} held-out problems, unseen by SFT and {method}")
     echo("  samples: the first held-out problems the SFT model gets wrong, greedy generation")
     for (a, b), answer in samples_before.items():
+        after_answer = samples_after[(a, b)]
         echo(
-            f"  {a}+{b}=  before DPO: {answer:>4}   after DPO: {samples_after[(a, b)]:>4}   (right: {a + b})"
+            f"  {a}+{b}=  before {method}: {answer:>4}   after {method}: {after_answer:>4}   (right: {a + b})"
         )
     echo(f"  greedy answers right: {answers_before:.2f} -> {answers_after:.2f}")
-    echo("  before DPO the policy is its own reference: every reward is 0, so no pair counts as won")
+    won = "no pair counts as won" if loss == "dpo" else "the desirable vs undesirable gap starts at 0"
+    echo(f"  before {method} the policy is its own reference: every reward is 0, so {won}")
     echo(f"  total time {time.perf_counter() - start:.0f} s")
-    acc0, acc1 = before["rewards/accuracies"], after["rewards/accuracies"]
+    data_kind = "feedback" if loss == "kto" else "pairs"
+    echo(
+        f"  kept in {root}: the SFT model, the {data_kind}, the {method} run; final model: "
+        f"{root / loss / 'final'}"
+    )
     m0, m1 = before["rewards/margins"], after["rewards/margins"]
-    summary = f"held-out reward accuracy {acc0:.2f} -> {acc1:.2f}, mean margin {m0:.3f} -> {m1:.3f}"
+    if loss == "kto":
+        acc0 = acc1 = math.nan
+        summary = f"held-out desirable vs undesirable reward gap {m0:.3f} -> {m1:.3f}"
+    else:
+        acc0, acc1 = before["rewards/accuracies"], after["rewards/accuracies"]
+        summary = f"held-out reward accuracy {acc0:.2f} -> {acc1:.2f}, mean margin {m0:.3f} -> {m1:.3f}"
     echo(summary)
     return DemoResult(acc0, acc1, m0, m1, answers_before, answers_after, summary)

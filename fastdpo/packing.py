@@ -3,7 +3,9 @@
 Dimension letters used across fastdpo: B pairs, N tokens, D hidden, V vocab, S attention segments.
 
 A packed bin holds whole pairs. Sequences are numbered as in the padded layout: chosen sequence of
-pair ``i`` is ``i`` and its rejected sequence is ``B + i``.
+pair ``i`` is ``i`` and its rejected sequence is ``B + i``. Unpaired (KTO) bins reuse the layout: with a
+KL term, ``pack_pairs`` packs each example's completion as the "chosen" and its mismatched KL completion
+as the "rejected" sequence; without one, ``pack_sequences`` packs the B completions alone (sequence ``i``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ __all__ = [
     "PackedBatch",
     "balance_bins",
     "pack_pairs",
+    "pack_sequences",
     "pair_num_tokens",
     "plan_bins",
 ]
@@ -51,7 +54,9 @@ class PackedBatch:
         prefix_segment: ``[S]`` int64; a segment also attends to the first ``prefix_len[s]`` tokens of
             segment ``prefix_segment[s]`` (the shared prompt), ``-1`` when it attends only to itself.
         prefix_len: ``[S]`` int64, see ``prefix_segment``.
-        num_pairs: B.
+        num_pairs: B (pairs, or unpaired examples).
+        preference_labels: unpaired bins: ``[B]`` bool, True where example ``i``'s completion is desirable;
+            None for preference pairs.
     """
 
     input_ids: torch.Tensor
@@ -63,6 +68,7 @@ class PackedBatch:
     prefix_segment: torch.Tensor
     prefix_len: torch.Tensor
     num_pairs: int
+    preference_labels: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -79,6 +85,7 @@ class PackedBatch:
 
 PLANNER_ENV = "FASTDPO_PLANNER"
 _PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_SEQUENCE_KEYS = ("prompt_ids", "completion_ids")
 _BLOCK = 1024  # bins per block in the numpy planner's block-maximum index
 
 
@@ -281,13 +288,16 @@ def balance_bins(
     return _balance_bins_python(tokens, num_groups)
 
 
-def _token_array(pair: Mapping[str, Sequence[int]], key: str, index: int) -> np.ndarray:
+def _token_array(
+    pair: Mapping[str, Sequence[int]], key: str, index: int, keys: tuple[str, ...] = _PAIR_KEYS
+) -> np.ndarray:
     """Equals ``pair[key]`` as a 1-D int64 array of non-negative token ids."""
+    kind = "pair" if keys == _PAIR_KEYS else "sequence"
     if key not in pair:
-        raise ValueError(f"pair {index} is missing {key!r}; expected keys {_PAIR_KEYS}")
-    ids = _int64_vector(pair[key], f"pair {index} {key}")
+        raise ValueError(f"{kind} {index} is missing {key!r}; expected keys {keys}")
+    ids = _int64_vector(pair[key], f"{kind} {index} {key}")
     if ids.size and ids.min() < 0:
-        raise ValueError(f"pair {index} {key} holds negative token id {ids.min()}")
+        raise ValueError(f"{kind} {index} {key} holds negative token id {ids.min()}")
     return ids
 
 
@@ -341,7 +351,46 @@ def pack_pairs(pairs: Sequence[Mapping[str, Sequence[int]]], *, shared_prompt: b
             prefix_segment.append(-1)
             prefix_len.append(0)
         seq_of.append(num_pairs + j)
+    return _assemble(pieces, context, seq_of, first_pos, prefix_segment, prefix_len, num_pairs)
 
+
+def pack_sequences(sequences: Sequence[Mapping[str, Sequence[int]]]) -> PackedBatch:
+    """Equals one bin's :class:`PackedBatch` holding single sequences ``prompt + completion`` in order.
+
+    Args:
+        sequences: mappings with ``prompt_ids`` and ``completion_ids`` token lists; completions exclude the
+            prompt and include EOS.
+
+    Returns:
+        CPU tensors for ``B = len(sequences)`` examples; the completion of example ``j`` is sequence ``j``
+        (there is no second sequence ``B + j``).
+    """
+    if len(sequences) == 0:
+        raise ValueError("pack_sequences needs at least one sequence, got none")
+    pieces: list[np.ndarray] = []
+    for j, sequence in enumerate(sequences):
+        if not isinstance(sequence, Mapping):
+            raise TypeError(f"sequence {j} must be a mapping, got {type(sequence).__name__}")
+        prompt, completion = (_token_array(sequence, key, j, _SEQUENCE_KEYS) for key in _SEQUENCE_KEYS)
+        if completion.size == 0:
+            raise ValueError(f"sequence {j} has empty completion_ids; completions must include at least EOS")
+        pieces += [prompt, completion]
+    n = len(sequences)
+    context = [piece.size for piece in pieces[::2]]
+    return _assemble(pieces, context, list(range(n)), [0] * n, [-1] * n, [0] * n, n)
+
+
+def _assemble(
+    pieces: list[np.ndarray],
+    context: list[int],
+    seq_of: list[int],
+    first_pos: list[int],
+    prefix_segment: list[int],
+    prefix_len: list[int],
+    num_pairs: int,
+) -> PackedBatch:
+    """The PackedBatch of segments ``pieces[2s] + pieces[2s+1]`` whose tokens from ``context[s]`` on are
+    scored as sequence ``seq_of[s]``, positioned from ``first_pos[s]``."""
     input_ids = np.concatenate(pieces)
     seg_lens = np.add.reduceat([piece.size for piece in pieces], np.arange(0, len(pieces), 2))
     cu_seqlens = np.concatenate([[0], np.cumsum(seg_lens)])

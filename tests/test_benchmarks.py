@@ -23,14 +23,51 @@ def test_bench_logprobs_cpu_mode(tmp_path):
     path = tmp_path / "head.csv"
     text = _run(
         "bench_logprobs.py", "--hidden", "32", "--vocab", "300", "--tokens", "64", "--reps", "1",
-        "--providers", "naive,trl,fastdpo,mm4", "--csv", str(path), "--plot", str(tmp_path / "head.png"),
+        "--providers", "naive,trl,torch-chunked,fastdpo,fastdpo-chunked,mm4", "--csv", str(path),
+        "--plot", str(tmp_path / "head.png"),
     )  # fmt: skip
     assert "CPU reduced mode" in text
     rows = {r["provider"]: r for r in csv.DictReader(path.open())}
-    assert set(rows) == {"naive", "trl", "fastdpo", "mm4"}
-    for name in ("naive", "trl", "fastdpo"):
+    assert set(rows) == {"naive", "trl", "torch-chunked", "fastdpo", "fastdpo-chunked", "mm4"}
+    for name in ("naive", "trl", "torch-chunked", "fastdpo", "fastdpo-chunked"):
         assert float(rows[name]["logp_err"]) < 1e-4 and float(rows[name]["dh_err"]) < 1e-4
     assert (tmp_path / "head.png").stat().st_size > 0
+
+
+def test_bench_logprobs_cpu_memory_mode(tmp_path):
+    path = tmp_path / "mem.csv"
+    _run(
+        "bench_logprobs.py", "--cpu-memory", "--tokens", "64", "--hidden", "16", "--vocab", "300",
+        "--providers", "naive,torch-chunked,fastdpo-chunked", "--csv", str(path),
+    )  # fmt: skip
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    assert set(rows) == {"naive", "torch-chunked", "fastdpo-chunked"}
+    for r in rows.values():
+        assert float(r["logp_err"]) < 1e-4 and float(r["dh_err"]) < 1e-4
+        assert float(r["fwd_bwd_ms"]) > 0
+    assert float(rows["fastdpo-chunked"]["fwd_bwd_ms_over_naive"]) > 0
+    assert rows["fastdpo-chunked"]["extra_peak_rss_mb_over_torch-chunked"]
+
+
+def test_roofline_model_and_measured_csv(tmp_path):
+    path = tmp_path / "head.csv"
+    path.write_text(
+        "provider,tokens,hidden,vocab,fwd_ms,bwd_ms,fwd_bwd_ms\n"
+        "fastdpo-nofilter,1024,256,4096,1.0,2.0,3.0\nmm4,1024,256,4096,,,1.5\nnaive,999,256,4096,1,1,1\n"
+    )
+    text = _run("roofline.py", "--custom", "1024,256,4096", "--gpu", "a100", "--csv", str(path))
+    lines = [x for x in text.splitlines() if x.startswith("| ")]
+    table = {tuple(c.strip() for c in x.strip("|").split("|")[:2]): x for x in lines[1:]}
+    assert {impl for impl, _ in table} == {"floor", "fused", "chunked", "trl", "naive"}
+    assert "Modeled on A100" in text
+    floor = float(table[("floor", "fwd+bwd")].split("|")[6])
+    assert abs(floor - 1e3 * 8 * 1024 * 256 * 4096 / 312e12) < 0.05
+    assert "| 3.0 |" in table[("fused", "fwd+bwd")] and "not measured" in table[("naive", "fwd")]
+
+
+def test_static_report_help():
+    text = _run("static_report.py", "--help")
+    assert "--custom" in text and "--gate" in text
 
 
 def test_bench_logprobs_rejects_unknown_provider():
@@ -64,3 +101,15 @@ def test_bench_trainer_tiny(tmp_path):
     rows = list(csv.DictReader(path.open()))
     assert {r["provider"] for r in rows} == {"fastdpo", "trl"}
     assert all(r["status"] == "ok" for r in rows), rows
+
+
+def test_bench_loss_kto_cpu_mode(tmp_path):
+    path = tmp_path / "loss_kto.csv"
+    _run(
+        "bench_loss.py", "--loss", "kto", "--pairs", "2", "--seq", "24", "--hidden", "16", "--vocab", "200",
+        "--reps", "1", "--providers", "naive,trl,liger,fastdpo", "--csv", str(path),
+    )  # fmt: skip
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    for name in ("naive", "trl", "fastdpo"):
+        assert rows[name]["loss"] == "kto"
+        assert float(rows[name]["loss_err"]) < 1e-5 and float(rows[name]["dh_err"]) < 1e-5

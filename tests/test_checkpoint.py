@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import pickle
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +24,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-import fastdpo.checkpoint as ck
-from fastdpo.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
+import fastdpo.checkpoint.local as ck
+from fastdpo.checkpoint import (
+    CheckpointError,
+    io,
+    latest_checkpoint,
+    load_checkpoint,
+    resume_point,
+    save_checkpoint,
+    save_final,
+)
 
 VOCAB = 64
 
@@ -225,7 +238,7 @@ def test_crash_mid_save_keeps_previous(tmp_path: Path, monkeypatch: pytest.Monke
         for p in model.parameters():
             p.add_(1.0)
 
-    real_write = ck._write_tensors
+    real_write = io.write_tensors
     calls = []
 
     def failing_write(path, tensors, metadata):
@@ -234,7 +247,7 @@ def test_crash_mid_save_keeps_previous(tmp_path: Path, monkeypatch: pytest.Monke
         if len(calls) == 2:
             raise OSError("disk full")
 
-    monkeypatch.setattr(ck, "_write_tensors", failing_write)
+    monkeypatch.setattr(io, "write_tensors", failing_write)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(tmp_path, 2, model=model, optimizer=optimizer)
     assert calls == ["model.safetensors", "optimizer.safetensors"]
@@ -261,14 +274,14 @@ def test_kill_before_meta_leaves_stale_temp_that_next_save_removes(
 ) -> None:
     model = _linear()
     first = save_checkpoint(tmp_path, 1, model=model, data_state={"pos": 1})
-    real_write = ck._write_json
+    real_write = io.write_json
 
     def killed_at_meta(path, obj):
         if path.name == "meta.json":
             raise _Killed
         real_write(path, obj)
 
-    monkeypatch.setattr(ck, "_write_json", killed_at_meta)
+    monkeypatch.setattr(io, "write_json", killed_at_meta)
     with pytest.raises(_Killed):
         save_checkpoint(tmp_path, 2, model=model, data_state={"pos": 2})
     monkeypatch.undo()
@@ -287,7 +300,7 @@ def test_kill_before_meta_leaves_stale_temp_that_next_save_removes(
 def test_crash_before_latest_pointer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = _linear()
     first = save_checkpoint(tmp_path, 1, model=model)
-    monkeypatch.setattr(ck, "_write_latest", _kill)
+    monkeypatch.setattr(io, "write_pointer", _kill)
     with pytest.raises(_Killed):
         save_checkpoint(tmp_path, 2, model=model)
     monkeypatch.undo()
@@ -313,7 +326,7 @@ def test_kill_while_resaving_same_step(tmp_path: Path, monkeypatch: pytest.Monke
             raise _Killed
         real_replace(src, dst)
 
-    monkeypatch.setattr(ck.os, "replace", killed_between_moves)
+    monkeypatch.setattr(io.os, "replace", killed_between_moves)
     with pytest.raises(_Killed):
         save_checkpoint(tmp_path, 1, model=model, data_state={"version": "new"})
     monkeypatch.undo()
@@ -323,7 +336,7 @@ def test_kill_while_resaving_same_step(tmp_path: Path, monkeypatch: pytest.Monke
     assert load_checkpoint(moved, model=_linear(1))["data_state"] == {"version": "old"}
 
     # A second kill before the new folder is complete must not lose the moved-aside one.
-    monkeypatch.setattr(ck, "_write_json", _kill)
+    monkeypatch.setattr(io, "write_json", _kill)
     with pytest.raises(_Killed):
         save_checkpoint(tmp_path, 1, model=model, data_state={"version": "new"})
     monkeypatch.undo()
@@ -343,18 +356,19 @@ def test_sigkill_mid_save_in_subprocess(tmp_path: Path) -> None:
         import os, signal, sys, torch
         from torch import nn
         import fastdpo.checkpoint as ck
+        from fastdpo.checkpoint import io
 
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
         optimizer = torch.optim.AdamW(model.parameters())
         ck.save_checkpoint({str(tmp_path)!r}, 1, model=model, optimizer=optimizer)
-        real_write = ck._write_tensors
+        real_write = io.write_tensors
 
         def write_then_die(path, tensors, metadata):
             real_write(path, tensors, metadata)
             os.kill(os.getpid(), signal.SIGKILL)
 
-        ck._write_tensors = write_then_die
+        io.write_tensors = write_then_die
         with torch.no_grad():
             model[0].weight.add_(1.0)
         ck.save_checkpoint({str(tmp_path)!r}, 2, model=model, optimizer=optimizer)
@@ -454,7 +468,9 @@ def test_mismatched_model_raises(tmp_path: Path) -> None:
     (path / "model.safetensors").write_bytes(b"truncated")
     with pytest.raises(ValueError, match="not a complete"):
         load_checkpoint(path, model=_llama(0))
-    assert latest_checkpoint(tmp_path) is None
+    with pytest.warns(UserWarning, match="skipping checkpoint.*model.safetensors has 9 bytes"):
+        with pytest.raises(ValueError, match=f"no valid fastdpo-checkpoint in {tmp_path}"):
+            latest_checkpoint(tmp_path)
 
 
 def _tokenizer():
@@ -544,3 +560,183 @@ def test_peft_lora_round_trip_and_merged_final(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match=r"shape mismatches.*lora_A"):
         load_checkpoint(path, model=_lora(0, rank=8))
+
+
+# --------------------------------------------------------------------------------------------------
+# Verification, fallback, disk full, no pickle
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_checkpoints(run_dir: Path) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """Checkpoints at steps 1 and 2 holding every kind of file; returns step 1's weights and the model."""
+    model = _linear()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda)
+    extra = {"history": torch.arange(3.0), "note": "x"}
+    states = []
+    for step in (1, 2):
+        model(torch.randn(5, 4)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        states.append(_params(model))
+        save_checkpoint(
+            run_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+            data_state={"pos": step}, extra=extra,
+        )  # fmt: skip
+    return states[0], model
+
+
+def _flip(path: Path, offset: int) -> None:
+    """Same-size corruption: inverts the byte at ``offset``."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _corruptions(folder: Path) -> list[tuple[str, int, str]]:
+    """``(file, offset, where)``: the middle of each JSON, and of each safetensors header and tensor data."""
+    cases = []
+    for path in sorted(folder.iterdir()):
+        size = path.stat().st_size
+        if path.suffix == ".safetensors":
+            header = int.from_bytes(path.read_bytes()[:8], "little")
+            cases.append((path.name, 8 + header // 2, "header"))
+            cases.append((path.name, 8 + header + (size - 8 - header) // 2, "tensor data"))
+        else:
+            cases.append((path.name, size // 2, "json"))
+    return cases
+
+
+def test_same_size_corruption_of_any_file_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    pristine = tmp_path / "pristine"
+    first_weights, _ = _two_checkpoints(pristine)
+    cases = _corruptions(pristine / "checkpoint-00000002")
+    assert {name for name, _, _ in cases} == {
+        "meta.json", "model.safetensors", "optimizer.json", "optimizer.safetensors", "scheduler.json",
+        "rng.json", "rng.safetensors", "data_state.json", "extra.json", "extra.safetensors",
+    }  # fmt: skip
+    for i, (name, offset, where) in enumerate(cases):
+        run = tmp_path / f"case{i}"
+        shutil.copytree(pristine, run)
+        bad = run / "checkpoint-00000002"
+        _flip(bad / name, offset)
+        with pytest.warns(
+            UserWarning, match=rf"skipping checkpoint {re.escape(str(bad))}: {re.escape(name)}"
+        ):
+            assert resume_point(run) == (run / "checkpoint-00000001", "local"), (name, where)
+        with pytest.warns(UserWarning, match=re.escape(name)):
+            assert latest_checkpoint(run) == run / "checkpoint-00000001"
+        with pytest.raises(
+            CheckpointError, match=rf"{re.escape(str(bad))} is not a complete.*{re.escape(name)}"
+        ):
+            load_checkpoint(bad, model=_linear(1))
+        fresh = _linear(1)
+        assert load_checkpoint(run / "checkpoint-00000001", model=fresh)["data_state"] == {"pos": 1}
+        _assert_same_params(_params(fresh), first_weights)
+
+
+def test_no_valid_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    _two_checkpoints(tmp_path)
+    _flip(tmp_path / "checkpoint-00000002" / "model.safetensors", 3)  # the header's length
+    (tmp_path / "checkpoint-00000001" / "optimizer.json").write_text("{" * 10 + " " * 1000)
+    with pytest.warns(UserWarning, match="skipping"):
+        with pytest.raises(CheckpointError) as err:
+            resume_point(tmp_path)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert str(tmp_path) in message and "every checkpoint failed a check" in message
+    assert "checkpoint-00000002: model.safetensors" in message
+    assert "checkpoint-00000001: optimizer.json" in message
+    assert resume_point(tmp_path / "empty") is None
+    with pytest.raises(ValueError, match="kind must be"):
+        resume_point(tmp_path, "zip")
+
+
+def test_old_format_and_garbled_metadata_are_skipped(tmp_path: Path) -> None:
+    _two_checkpoints(tmp_path)
+    meta_path = tmp_path / "checkpoint-00000002" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "step": 7}))
+    with pytest.warns(UserWarning, match="meta.json does not match its checksum"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"
+    meta_path.write_text(json.dumps({**meta, "version": 1}))
+    with pytest.warns(UserWarning, match="version 1; expected 'fastdpo-checkpoint' version 2"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"
+    meta_path.write_text("[]")
+    with pytest.warns(UserWarning, match="holds list, not an object"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"
+    outside = {**meta, "files": {**meta["files"], "../checkpoint-00000001/meta.json": {"size": 1}}}
+    meta_path.write_text(json.dumps({**outside, "checksum": io._checksum(outside)}))
+    with pytest.warns(UserWarning, match="outside the checkpoint folder"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"
+    (tmp_path / "latest").write_bytes(b"\xff\xfe")  # a garbled pointer: newest valid first
+    with pytest.warns(UserWarning, match="outside"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000001"
+
+
+@pytest.mark.parametrize("failing", ["write_tensors", "write_json", "write_pointer"])
+def test_disk_full_mid_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    first_weights, model = _two_checkpoints(tmp_path)
+    real = getattr(io, failing)
+
+    def disk_full(*args, **kwargs):
+        if failing == "write_pointer":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args, **kwargs)
+        target = args[0]  # left half-written, as a full disk does
+        target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(io, failing, disk_full)
+    with pytest.raises(OSError, match=r"could not save checkpoint .*checkpoint-00000003 \(No space") as err:
+        save_checkpoint(tmp_path, 3, model=model)
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC
+    assert "latest still names the previous checkpoint" in str(err.value)
+    assert (tmp_path / "latest").read_text().strip() == "checkpoint-00000002"
+    assert not list(tmp_path.glob(".tmp-checkpoint-*"))
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-00000002"
+    assert resume_point(tmp_path) == (tmp_path / "checkpoint-00000002", "local")
+    assert load_checkpoint(tmp_path / "checkpoint-00000002", model=_linear(1))["step"] == 2
+
+
+class _Payload:
+    """Unpickling it creates ``marker``: a stand-in for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_planted_pickle_payload_never_runs(tmp_path: Path) -> None:
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Payload(control)))  # the payload works: a load path that unpickles fails
+    assert control.exists()
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Payload(marker))
+    pristine = tmp_path / "pristine"
+    _two_checkpoints(pristine)
+    names = sorted(p.name for p in (pristine / "checkpoint-00000002").iterdir())
+    planted = [*names, "model.pt", "optimizer.pt", "pytorch_model.bin", ".metadata", "training_args.bin"]
+    for i, name in enumerate(planted):
+        run = tmp_path / f"case{i}"
+        shutil.copytree(pristine, run)
+        (run / "checkpoint-00000002" / name).write_bytes(payload)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            point = resume_point(run)
+        expected = "checkpoint-00000001" if name in names else "checkpoint-00000002"
+        assert point == (run / expected, "local"), name
+        load_checkpoint(point[0], model=_linear(1), restore_rng=False)
+        try:
+            load_checkpoint(run / "checkpoint-00000002", model=_linear(1), restore_rng=False)
+        except CheckpointError:
+            assert name in names
+        assert not marker.exists(), f"unpickled a payload planted in {name}"

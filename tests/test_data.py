@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 import fastdpo.data as data_module
 from fastdpo.data import DataReport, load_preference_data, tokenize_preferences
+from fastdpo.errors import UserError
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
@@ -301,6 +302,31 @@ def test_malformed_json_parquet_and_mixed_formats(tmp_path: Path) -> None:
 def test_json_lines_saved_as_json(tmp_path: Path) -> None:
     path = write(tmp_path / "data.json", STANDARD, "jsonl")
     assert load_preference_data(path)[0].to_list() == STANDARD
+
+
+def test_non_utf8_bytes_name_file_and_line(tmp_path: Path) -> None:
+    """Undecodable bytes are a data error naming the file and line, skipped and counted under skip_invalid."""
+    bad = b'{"prompt": "caf\xe9", "chosen": "b", "rejected": "c"}'  # latin-1, not UTF-8
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([GOOD.encode(), bad, "caf\u00e9 not json".encode(), GOOD.encode()]) + b"\n")
+    with pytest.raises(UserError, match=r"data.jsonl line 2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_preference_data(path)
+    ds, report = load_preference_data(path, skip_invalid=True)
+    assert len(ds) == 2 and report.rows_read == 4
+    assert report.rows_dropped == {"invalid_utf8": 1, "invalid_json": 1}
+    assert "invalid_utf8: 1" in str(report)
+    # A .json array cannot lose one row; the error names the line. JSON Lines saved as .json skip by line.
+    array = tmp_path / "data.json"
+    array.write_bytes(b"[\n" + GOOD.encode() + b",\n" + bad + b"\n]")
+    for skip in (False, True):
+        with pytest.raises(UserError, match=r"data.json line 3: not UTF-8 text \(byte 0xe9 at column 16\)"):
+            load_preference_data(array, skip_invalid=skip)
+    lines = tmp_path / "lines.json"
+    lines.write_bytes(GOOD.encode() + b"\n" + bad + b"\n" + GOOD.encode() + b"\n")
+    with pytest.raises(UserError, match="lines.json line 2: not UTF-8"):
+        load_preference_data(lines)
+    ds, report = load_preference_data(lines, skip_invalid=True)
+    assert len(ds) == 2 and report.rows_dropped == {"invalid_utf8": 1}
 
 
 def test_skip_invalid_counts_every_reason(tmp_path: Path) -> None:

@@ -7,13 +7,17 @@ leaves one rank waiting in a collective. The dead-rank test spawns its own pair.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import queue
+import re
+import shutil
 import socket
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,17 +28,21 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from fastdpo.checkpoint import (
+    CheckpointError,
+    consolidate,
+    latest_sharded,
+    load_sharded,
+    resume_point,
+    save_sharded,
+)
 from fastdpo.distributed import (
     DistState,
     all_reduce_sum,
-    consolidate,
     gather_metrics,
     global_pair_count,
     gradient_sync,
     init_distributed,
-    latest_sharded,
-    load_sharded,
-    save_sharded,
     shard_bins,
     unsharded_lm_head,
     unwrap_model,
@@ -724,3 +732,256 @@ def test_save_sharded_rejects_non_json_extra(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
         save_sharded(tmp_path, 1, _tiny_llama(False, 0), extra={"x": torch.zeros(1)})
     assert not any(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints: verification, fallback, disk full, no pickle
+# --------------------------------------------------------------------------------------------------
+
+
+def _two_sharded(run_dir):
+    """Sharded checkpoints at steps 1 and 2 of one process; returns step 1's weights and the model."""
+    model = _tiny_llama(True, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    states = []
+    for step in (1, 2):
+        opt.zero_grad()
+        _dpo_step(model, model, _random_pairs(2, torch.Generator().manual_seed(step)), torch.zeros(2, 2) - 20)
+        opt.step()
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        save_sharded(run_dir, step, model, opt, {"step": step}, keep_last=None)
+    return states[0], model
+
+
+def _flip(path, offset):
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _corruptions(folder):
+    """``(relative file, offset)``: the middle of the JSON, and of each safetensors header and tensor data."""
+    cases = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name, size = str(path.relative_to(folder)), path.stat().st_size
+        if path.suffix == ".safetensors":
+            header = int.from_bytes(path.read_bytes()[:8], "little")
+            cases += [(name, 8 + header // 2), (name, 8 + header + (size - 8 - header) // 2)]
+        else:
+            cases.append((name, size // 2))
+    return cases
+
+
+def _fresh_sharded():
+    model = _tiny_llama(True, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_sharded_same_size_corruption_is_skipped_with_a_warning(tmp_path):
+    pristine = tmp_path / "pristine"
+    first, _ = _two_sharded(pristine)
+    cases = _corruptions(pristine / "sharded-00000002")
+    assert {name for name, _ in cases} == {
+        "fastdpo-sharded.json",
+        "rng-rank0.safetensors",
+        "dcp/shard-00001-model-00001-of-00001.safetensors",
+    }
+    for i, (name, offset) in enumerate(cases):
+        run = tmp_path / f"case{i}"
+        shutil.copytree(pristine, run)
+        bad = run / "sharded-00000002"
+        _flip(bad / name, offset)
+        model, opt = _fresh_sharded()
+        with pytest.warns(
+            UserWarning, match=rf"skipping checkpoint {re.escape(str(bad))}: {re.escape(name)}"
+        ):
+            assert load_sharded(run, model, opt) == (1, {"step": 1})
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, first[k]), (name, k)
+        with pytest.raises(
+            CheckpointError, match=rf"{re.escape(str(bad))} is not a complete.*{re.escape(name)}"
+        ):
+            load_sharded(bad, model, opt)
+        with pytest.warns(UserWarning, match="skipping"):
+            assert resume_point(run) == (run / "sharded-00000001", "sharded")
+
+
+def test_sharded_checkpoints_all_invalid_is_a_clear_error(tmp_path):
+    _two_sharded(tmp_path)
+    for folder in ("sharded-00000001", "sharded-00000002"):
+        _flip(tmp_path / folder / "rng-rank0.safetensors", 100)
+    (tmp_path / "sharded-00000002" / "dcp" / "extra.safetensors").write_bytes(b"\0" * 8)
+    model, opt = _fresh_sharded()
+    with pytest.warns(UserWarning, match="skipping"):
+        with pytest.raises(CheckpointError) as err:
+            load_sharded(tmp_path, model, opt)
+    message = str(err.value)
+    assert str(tmp_path) in message and "every checkpoint failed a check" in message
+    assert "sharded-00000001: rng-rank0.safetensors does not match its recorded sha256" in message
+    assert "sharded-00000002: ['dcp/extra.safetensors'] are not part of the checkpoint" in message
+    with pytest.warns(UserWarning, match="skipping"), pytest.raises(CheckpointError):
+        consolidate(tmp_path, tmp_path / "hf", _tiny_llama(True, 0).config)
+
+
+@pytest.mark.parametrize("where", ["dcp-shards", "rng"])
+def test_sharded_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where):
+    import torch.distributed.checkpoint.filesystem as dcp_filesystem
+
+    from fastdpo.checkpoint import io
+
+    _, model = _two_sharded(tmp_path)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "rng":
+        monkeypatch.setattr(io, "write_tensors", disk_full)
+    else:
+        monkeypatch.setattr(dcp_filesystem, "_write_files_from_queue", disk_full)
+    with pytest.raises(OSError, match=r"could not save checkpoint .*sharded-00000003 \(No space") as err:
+        save_sharded(tmp_path, 3, model, opt)
+    monkeypatch.undo()
+    assert err.value.errno == errno.ENOSPC
+    assert (tmp_path / "latest-sharded").read_text().strip() == "sharded-00000002"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest-sharded",
+        "sharded-00000001",
+        "sharded-00000002",
+    ]
+    assert latest_sharded(tmp_path) == tmp_path / "sharded-00000002"
+    assert load_sharded(tmp_path, *_fresh_sharded()) == (2, {"step": 2})
+
+
+class _Payload:
+    """Unpickling it creates ``marker``: a stand-in for arbitrary code in a crafted checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_sharded_load_never_unpickles_a_planted_payload(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Payload(marker))
+    pristine = tmp_path / "pristine"
+    _two_sharded(pristine)
+    config = _tiny_llama(True, 0).config
+
+    # Where DCP's FileSystemWriter kept its pickled metadata: ignored, the checkpoint loads.
+    run = tmp_path / "metadata"
+    shutil.copytree(pristine, run)
+    for where in ("sharded-00000002/.metadata", "sharded-00000002/dcp/.metadata"):
+        (run / where).write_bytes(payload)
+    assert load_sharded(run, *_fresh_sharded())[0] == 2
+    consolidate(run, tmp_path / "hf", config)
+    assert not marker.exists()
+
+    # In place of each file: that checkpoint is skipped.
+    for i, (name, _) in enumerate(_corruptions(pristine / "sharded-00000002")[::2]):
+        run = tmp_path / f"case{i}"
+        shutil.copytree(pristine, run)
+        (run / "sharded-00000002" / name).write_bytes(payload)
+        with pytest.warns(UserWarning, match=re.escape(name)):
+            assert load_sharded(run, *_fresh_sharded())[0] == 1
+        with pytest.raises(CheckpointError):
+            consolidate(run / "sharded-00000002", tmp_path / "hf", config)
+        assert not marker.exists(), f"unpickled a payload planted in {name}"
+
+    # A checkpoint in the old layout (DCP's pickled .metadata) is skipped without being opened.
+    run = tmp_path / "old"
+    shutil.copytree(pristine, run)
+    old = run / "sharded-00000003"
+    model = _tiny_llama(True, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"model": model.state_dict()}, checkpoint_id=old, no_dist=True)
+    (old / ".metadata").write_bytes(payload)
+    old_meta = {"format": "fastdpo-sharded-checkpoint", "version": 1, "step": 3, "world_size": 1}
+    (old / "fastdpo-sharded.json").write_text(json.dumps({**old_meta, "optimizer": None, "extra": {}}))
+    (run / "latest-sharded").write_text("sharded-00000003\n")
+    with pytest.warns(UserWarning, match="sharded-00000003"):
+        assert load_sharded(run, *_fresh_sharded())[0] == 2
+    with pytest.raises(CheckpointError):
+        consolidate(old, tmp_path / "hf", config)
+    assert not marker.exists()
+    dcp.FileSystemReader(str(old)).read_metadata()  # the old load path runs the payload: the test can fail
+    assert marker.exists()
+
+
+def _sharded_save_task(rank, run_dir, seed):
+    model = wrap_model(_tiny_llama(False, seed), "fsdp2", init_distributed())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in (1, 2):
+        pairs = _random_pairs(4, torch.Generator().manual_seed(step))
+        opt.zero_grad()
+        _dpo_step(model, model, pairs[2 * rank : 2 * rank + 2], torch.zeros(2, 2) - 20, world_size=WORLD)
+        opt.step()
+        save_sharded(run_dir, step, model, opt, {"step": step}, keep_last=None)
+    return sorted(json.loads(Path(run_dir, "sharded-00000002", "fastdpo-sharded.json").read_text())["files"])
+
+
+def _sharded_resume_task(rank, run_dir, seed):
+    model = wrap_model(_tiny_llama(False, seed), "fsdp2", init_distributed())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        point = resume_point(run_dir, "sharded")
+        step, _ = load_sharded(point[0], model, opt)
+    return str(point[0]), step, [str(w.message) for w in caught if "skipping" in str(w.message)]
+
+
+def test_two_ranks_agree_on_the_fallback_when_one_rank_finds_the_corruption(ranks, tmp_path):
+    seed = int(torch.seed() % 2**30)
+    run_dir = tmp_path / "run"
+    files = ranks.run(_sharded_save_task, str(run_dir), seed)[0]
+    assert len([f for f in files if f.startswith("dcp/")]) == WORLD
+    assert {"rng-rank0.safetensors", "rng-rank1.safetensors"} <= set(files)
+    # Files are verified round-robin over the ranks: rank 1 alone hashes files[1].
+    _flip(run_dir / "sharded-00000002" / files[1], 200)
+    results = ranks.run(_sharded_resume_task, str(run_dir), seed)
+    for point, step, skipped in results:
+        assert (point, step) == (str(run_dir / "sharded-00000001"), 1)
+        assert len(skipped) == 1 and "sharded-00000002" in skipped[0]
+    assert "failed verification on another rank" in results[0][2][0]
+    assert f"{files[1]} does not match its recorded sha256" in results[1][2][0]
+
+
+def _disk_full_on_one_rank_task(rank, run_dir, seed):
+    from fastdpo.checkpoint import io
+
+    model = wrap_model(_tiny_llama(False, seed), "fsdp2", init_distributed())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    save_sharded(run_dir, 1, model, opt, {"step": 1})
+    real = io.write_tensors
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    io.write_tensors = disk_full if rank == 1 else real
+    try:
+        save_sharded(run_dir, 2, model, opt, {"step": 2})
+        outcome = None
+    except OSError as err:
+        outcome = (err.errno, str(err))
+    finally:
+        io.write_tensors = real
+    return outcome, str(latest_sharded(run_dir)), load_sharded(run_dir, model, opt)
+
+
+def test_disk_full_on_one_rank_fails_every_rank_and_keeps_the_previous_checkpoint(ranks, tmp_path):
+    run_dir = tmp_path / "run"
+    results = ranks.run(_disk_full_on_one_rank_task, str(run_dir), int(torch.seed() % 2**30))
+    for rank, (outcome, latest, loaded) in enumerate(results):
+        assert outcome is not None, f"rank {rank} did not fail"
+        assert "could not save checkpoint" in outcome[1] and "sharded-00000002" in outcome[1]
+        assert (latest, loaded) == (str(run_dir / "sharded-00000001"), (1, {"step": 1}))
+    assert results[1][0][0] == errno.ENOSPC and "No space left" in results[1][0][1]
+    assert "failed on another rank" in results[0][0][1]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["latest-sharded", "sharded-00000001"]

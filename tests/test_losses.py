@@ -1,6 +1,7 @@
 """FusedLinearDPOLoss against a float64 re-implementation of TRL 1.16's formulas: values, rewards, metrics and
 gradients w.r.t. hidden, weight and bias, for every loss type and option, both backends and both layouts."""
 
+import importlib
 import math
 import os
 
@@ -62,8 +63,8 @@ def _log1mexp(x):
 
 def ref_loss(tok, mask, logps, ref_logps, *, loss_types, loss_weights=None, beta, label_smoothing=0.0,
              discopop_tau=0.05, simpo_gamma=0.5, f_divergence_type="reverse_kl", f_alpha_divergence_coef=0.5,
-             rpo_alpha=None):  # fmt: skip
-    """Returns (loss, chosen_rewards, rejected_rewards, metrics) as TRL computes them."""
+             rpo_alpha=None, pair_weights=None):  # fmt: skip
+    """Returns (loss, chosen_rewards, rejected_rewards, metrics) as TRL computes them (WPO: pair_weights)."""
     eps = label_smoothing
     weights = loss_weights or [1.0] * len(loss_types)
     chosen_logps, rejected_logps = logps.chunk(2)
@@ -139,6 +140,8 @@ def ref_loss(tok, mask, logps, ref_logps, *, loss_types, loss_weights=None, beta
             per = nll - beta * ratio
             metrics["log_odds_ratio"] = ratio.mean()
             metrics["log_odds_chosen"] = log_odds.mean()
+        if pair_weights is not None:
+            per = per * pair_weights
         loss = loss + per.mean() * w
     if rpo_alpha is not None:
         loss = loss + rpo_alpha * nll
@@ -209,7 +212,7 @@ def _check_close(name, got, want, rtol=1e-4, atol=1e-6):
 
 def check_against_reference(backend, loss_type, *, batch=None, ref_mode="logps", ld_alpha=None,
                             average_log_prob=False, reference_free=False, temperature=1.0, softcap=None,
-                            **kwargs):  # fmt: skip
+                            impl=None, **kwargs):  # fmt: skip
     hidden, weight, b, labels, ref_hidden = batch if batch is not None else make_batch()
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     no_ref = reference_free or bool(set(loss_types) & REFERENCE_FREE)
@@ -223,7 +226,7 @@ def check_against_reference(backend, loss_type, *, batch=None, ref_mode="logps",
     out, dh, dw, db = _run_op(
         backend, hidden, weight, b, labels, ref=op_ref, ref_mode=ref_mode, loss_type=loss_type,
         ld_alpha=ld_alpha, average_log_prob=average_log_prob, reference_free=reference_free,
-        temperature=temperature, softcap=softcap, **opts,
+        temperature=temperature, softcap=softcap, impl=impl, **opts,
     )  # fmt: skip
 
     leaves = [x.clone().requires_grad_() if x is not None else None for x in (hidden, weight, b)]
@@ -483,6 +486,140 @@ def test_autocast_casts_to_the_autocast_dtype():
     assert abs(out.loss.item() - want.item()) < 0.05 * abs(want.item())
 
 
+def test_autocast_gradients_are_fp32_accumulations():
+    """Under bf16 autocast: bf16 logits and dz, products summed in fp32, fp32 gradients (TRL's numerics)."""
+    hidden, weight, b, labels, _ = make_batch(num_pairs=3, t=11, d=24, v=300)
+    h = hidden.float().requires_grad_()
+    w = weight.float().requires_grad_()
+    bb = b.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused_linear_dpo_loss(h, w, labels, bb, loss_type="sft", backend="torch")
+    out.loss.backward()
+    assert h.grad.dtype == w.grad.dtype == bb.grad.dtype == torch.float32
+
+    # Float64 twin of that recipe: the logits chunk rounded to bf16 as a bf16 matmul output and again after
+    # the bias, d loss / d logits rounded to bf16, then exact products.
+    hb, wb, bf = (x.float().bfloat16().double() for x in (hidden, weight, b))
+    z = ((hb @ wb.T).bfloat16().double() + bf).bfloat16().double().requires_grad_()
+    tok, mask = ref_token_logps(z, torch.eye(z.shape[-1], dtype=torch.float64), None, labels)
+    (-tok.chunk(2)[0][mask.chunk(2)[0]].mean()).backward()
+    dz = z.grad.bfloat16().double()
+    want = {"dhidden": dz @ wb, "dweight": torch.einsum("rtv,rtd->vd", dz, hb), "dbias": dz.sum((0, 1))}
+    for name, got in zip(want, (h.grad, w.grad, bb.grad), strict=True):
+        # A dz entry may round the other way than in the fp32 run (up to ~2e-5 seen over 30 seeds), while
+        # gradients rounded to bf16 are off by 1e-3 or more.
+        _check_close(name, got, want[name], rtol=1e-4, atol=0.0)
+
+
+def _wpo_weights(tok, mask, token_lsp2):
+    """TRL 1.16's WPO pair weights: exp(mean over the response of logp - log sum p^2), chosen x rejected."""
+    aligned = ((tok - token_lsp2) * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    w = torch.exp(aligned)
+    return w.chunk(2)[0] * w.chunk(2)[1]
+
+
+def ref_token_stats(hidden, weight, bias, labels, softcap=None, temperature=1.0):
+    """Float64 per-token (entropy, mean logit, label is argmax, log sum p^2) over all positions."""
+    z = hidden @ weight.T + (bias if bias is not None else 0)
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    z = z / temperature
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return entropy, z.mean(-1), z.argmax(-1) == labels, torch.logsumexp(2 * logp, -1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["hinge", "bco_pair"], ["sigmoid", "sft"]])
+def test_wpo_matches_float64(backend, loss_type):
+    hidden, weight, b, labels, ref_hidden = make_batch(num_pairs=3, t=9, d=16, v=37, masked=(1,))
+    tok, mask = ref_token_logps(hidden, weight, b, labels)
+    lsp2 = ref_token_stats(hidden, weight, b, labels)[3]
+    weights = _wpo_weights(tok.detach(), mask, lsp2)
+    ref_tok, _ = ref_token_logps(ref_hidden, weight, b, labels)
+    ref_logps = ref_tok.sum(-1).float().double()
+    out, dh, dw, db = _run_op(
+        backend, hidden, weight, b, labels, ref=ref_logps, loss_type=loss_type, use_weighting=True, beta=0.2
+    )
+    leaves = [x.clone().requires_grad_() for x in (hidden, weight, b)]
+    tok, mask = ref_token_logps(*leaves, labels)
+    loss, *_ = ref_loss(
+        tok, mask, tok.sum(-1), ref_logps, loss_types=loss_type, beta=0.2, pair_weights=weights
+    )
+    loss.backward()
+    _check_close("loss", out.loss, loss.detach(), rtol=2e-5)
+    for name, got, leaf in zip(("dhidden", "dweight", "dbias"), (dh, dw, db), leaves, strict=True):
+        _check_close(name, got, leaf.grad, rtol=2e-4)
+    unweighted = _run_op(backend, hidden, weight, b, labels, ref=ref_logps, loss_type=loss_type, beta=0.2)[0]
+    assert abs(unweighted.loss.item() - out.loss.item()) > 1e-3 * abs(out.loss.item())
+
+
+@pytest.mark.parametrize(
+    "backend, v, softcap, temperature", [("torch", 70_001, None, 1.0), ("torch", 300, 2.0, 0.7),
+                                         ("triton", 157, 2.0, 0.7)],
+)  # fmt: skip
+def test_stats_match_float64(backend, v, softcap, temperature):
+    hidden, weight, b, labels, _ = make_batch(num_pairs=2, t=7, d=16, v=v, masked=(2,))
+    weight = 4 * weight  # peaked distributions, so the argmax is sometimes the label
+    labels = torch.where(
+        labels == IGNORE, IGNORE, (hidden @ weight.T).argmax(-1).where(labels % 2 == 0, labels)
+    )
+    opts = dict(loss_type="sft", stats=True, softcap=softcap, temperature=temperature)
+    out, *_ = _run_op(backend, hidden, weight, b, labels, **opts)
+    want = ref_token_stats(hidden, weight, b, labels, softcap, temperature)
+    valid = labels != IGNORE
+    got = out.token_stats
+    for name, g, ref in zip(("entropy", "mean_logit", "log_sum_p2"), (got[0], got[1], got[3]),
+                            (want[0], want[1], want[3]), strict=True):  # fmt: skip
+        _check_close(name, g, ref[valid], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got.is_argmax.cpu(), want[2][valid])
+    assert 0 < int(got.is_argmax.sum()) < int(valid.sum())
+    chosen = valid.clone()
+    chosen[2:] = False
+    metrics = {
+        "entropy": want[0][valid].mean(),
+        "logits/chosen": want[1][chosen].mean(),
+        "logits/rejected": want[1][valid & ~chosen].mean(),
+        "mean_token_accuracy": want[2][chosen].double().mean(),
+    }
+    for key, value in metrics.items():
+        _check_close(key, out.metrics[key], value, rtol=1e-5, atol=1e-6)
+    entropy, count = (want[0] * valid).sum(-1), valid.sum(-1).double()
+    pair_entropy = (entropy[:2] + entropy[2:]) / (count[:2] + count[2:])
+    _check_close("pair entropy", out.pair_metrics["entropy"], pair_entropy, rtol=1e-5)
+    accuracy = (want[2] & valid).sum(-1)[:2] / count[:2]
+    _check_close("pair accuracy", out.pair_metrics["mean_token_accuracy"], accuracy, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_impls_match_float64(backend, impl):
+    check_against_reference(backend, ["sigmoid", "sft"], impl=impl, ld_alpha=0.5)
+    hidden, weight, b, labels, _ = make_batch()
+    chosen, _ = sequence_logps(hidden.float(), weight.float(), labels, b.float(), impl=impl)
+    want = ref_token_logps(hidden, weight, b, labels)[0].sum(-1)[:3]
+    _check_close("sequence_logps", chosen, want, rtol=1e-5)
+
+
+def test_deterministic_algorithms_pick_chunked(monkeypatch):
+    calls = []
+    fused = importlib.import_module("fastdpo.losses.fused")
+    forward = fused.logprobs_forward
+    monkeypatch.setattr(
+        fused, "logprobs_forward", lambda *a, **k: calls.append(k["impl"]) or forward(*a, **k)
+    )
+    monkeypatch.delenv("FASTDPO_IMPL", raising=False)
+    hidden, weight, b, labels, _ = make_batch()
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        fused_linear_dpo_loss(hidden.float(), weight.float(), labels, reference_free=True, backend="torch")
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    fused_linear_dpo_loss(hidden.float(), weight.float(), labels, reference_free=True, impl="fused")
+    assert calls == ["chunked", "fused"]
+
+
 # ------------------------------------------------------------------------------------------------------
 # Bad calls and non-finite inputs
 # ------------------------------------------------------------------------------------------------------
@@ -531,6 +668,8 @@ def _bad_call(case):
         "not_a_tensor": lambda: loss(h.tolist(), w, labels, **ref),
         "sft_no_chosen": lambda: loss(h, w, torch.where(row < 3, IGNORE, labels), loss_type="sft"),
         "backend": lambda: loss(h, w, labels, backend="cuda", **ref),
+        "impl": lambda: loss(h, w, labels, impl="tiled", **ref),
+        "wpo_aot": lambda: loss(h, w, labels, loss_type="aot", use_weighting=True, **ref),
     }
     return calls[case]
 
@@ -569,6 +708,8 @@ def _bad_call(case):
         ("not_a_tensor", TypeError, "hidden must be a torch.Tensor"),
         ("sft_no_chosen", ValueError, "needs chosen tokens"),
         ("backend", ValueError, "backend must be"),
+        ("impl", ValueError, "impl must be None, 'fused' or 'chunked'"),
+        ("wpo_aot", ValueError, r"use_weighting \(WPO\).*\['aot'\]"),
     ],
 )
 def test_bad_calls(case, exc, match):

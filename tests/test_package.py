@@ -1,6 +1,8 @@
 """Packaging and hygiene: every module imports on a CPU-only machine, ruff is clean, the wheel is complete."""
 
 import importlib
+import json
+import os
 import pkgutil
 import shutil
 import subprocess
@@ -38,11 +40,45 @@ def test_import_does_not_touch_cuda():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_no_top_level_kernels_module():
-    """`kernels` is another PyPI package that transformers probes; ours ships only as fastdpo.kernels."""
-    assert importlib.util.find_spec("fastdpo.kernels") is not None
-    spec = importlib.util.find_spec("kernels")
-    assert spec is None or "fastdpo" not in str(spec.origin or spec.submodule_search_locations)
+# Where the installation's import machinery finds `fastdpo.kernels` and a top-level `kernels`, asked of every
+# meta path finder (the first hit would hide a later finder that maps ours), plus sys.path, as resolved paths.
+_IMPORT_PROBE = """
+import importlib.util, json, sys
+from pathlib import Path
+
+def where(spec):
+    if spec is None:
+        return []
+    return [str(Path(p).resolve()) for p in spec.submodule_search_locations or [spec.origin]]
+
+finders = [f.find_spec("kernels", None) for f in sys.meta_path if hasattr(f, "find_spec")]
+print(json.dumps({
+    "ours": where(importlib.util.find_spec("fastdpo.kernels")),
+    "top": [where(importlib.util.find_spec("kernels"))] + [where(s) for s in finders],
+    "path": [str(Path(p).resolve()) for p in sys.path if p],
+}))
+"""
+
+
+def test_no_top_level_kernels_module(tmp_path):
+    """`kernels` is another PyPI package that transformers probes; ours ships only as fastdpo.kernels.
+
+    A fresh interpreter outside the checkout, with ``-P`` (no working directory on sys.path) and no
+    PYTHONPATH, sees only what the installation adds: meta path finders and .pth path entries. Paths are
+    compared resolved, so the result does not depend on the folder names (a clone named fastdpo included).
+    """
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run(
+        [sys.executable, "-P", "-c", _IMPORT_PROBE], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    found = json.loads(run.stdout)
+    ours = {str((ROOT / "kernels").resolve()), *found["ours"]}
+    assert found["ours"], "fastdpo.kernels is not importable"
+    for locations in found["top"]:
+        assert not ours.intersection(locations), f"top-level `kernels` maps to ours: {locations}"
+    # The checkout on sys.path (an old-style develop install's .pth) would expose kernels/ as top-level.
+    assert str(ROOT.resolve()) not in found["path"]
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff not installed")

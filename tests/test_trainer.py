@@ -1,17 +1,25 @@
 """The packed trainer against float64 PyTorch: accumulated gradients, metrics, exact resume, references."""
 
+import dataclasses
 import json
 import logging
 import math
+import os
 import random
+import signal
+import typing
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AutoModelForCausalLM
 
 from fastdpo.demo import addition_pairs, build_model, build_tokenizer
-from fastdpo.trainer import METRIC_NAMES, TrainConfig, Trainer, _warmup_cosine
+from fastdpo.errors import UserError
+from fastdpo.train import METRIC_NAMES, TrainConfig, Trainer, loop
+from fastdpo.train.build import warmup_cosine as _warmup_cosine
 
 BETA = 0.3
 
@@ -306,3 +314,155 @@ def test_cuda_bf16_triton_step_matches_cpu_fp32(assets, tmp_path):
     cuda = torch.cat([g.float().cpu().flatten() for g in grads["cuda"].values()])
     assert F.cosine_similarity(cpu, cuda, dim=0) > 0.99
     assert cuda.norm() == pytest.approx(cpu.norm().item(), rel=0.05)
+
+
+# ---------------------------------------------------------------------- hardening (issue 12)
+
+
+def _float_fields():
+    hints = typing.get_type_hints(TrainConfig)
+    return [f.name for f in dataclasses.fields(TrainConfig) if hints[f.name] is float]
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan, "inf", "nan", True])
+def test_every_float_option_rejects_non_finite_values_and_bools(assets, tmp_path, bad):
+    names = _float_fields()
+    assert {"lr", "beta", "max_grad_norm", "save_every_minutes"} <= set(names)
+    for name in names:
+        with pytest.raises((ValueError, TypeError), match=name):
+            _config(assets, tmp_path, **{name: bad})
+    with pytest.raises(ValueError, match="max_steps"):
+        _config(assets, tmp_path, max_steps=math.inf)
+    assert _config(assets, tmp_path, lr="2e-5").lr == 2e-5
+
+
+def _params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path, log_every=1, save_every=1))
+    loss = trainer.forward.loss
+
+    def nan_in_step_2(batch, ref):
+        out = loss(batch, ref)
+        return dataclasses.replace(out, loss=out.loss * math.nan) if trainer.step == 1 else out
+
+    trainer.forward.loss = nan_in_step_2
+    trainer.train(stop_after=1)
+    before = _params(trainer)
+    trainer.train(stop_after=2)
+    after = _params(trainer)
+    assert all(torch.equal(before[n], after[n]) for n in before), "the NaN step changed the weights"
+    # The schedule still advanced: step 3 runs at the LR of step 3.
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(
+        1e-2 * _warmup_cosine(2, warmup=1, total=4, min_ratio=0)
+    )
+    trainer.train()
+    assert not torch.equal(after["model.embed_tokens.weight"], trainer.model.model.embed_tokens.weight)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["split"]) for r in lines] == [
+        (1, "train"),
+        (2, "skipped"),
+        (3, "train"),
+        (4, "train"),
+    ]
+    assert "non-finite loss nan" in lines[1]["reason"]
+
+
+def test_a_diverged_run_stops_and_exports_nothing(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path, max_steps=8, max_bad_steps=2, save_model=True))
+    for group in trainer.optimizer.param_groups:  # past the config's checks, as a diverging run would
+        group["lr"] = math.inf
+    trainer.scheduler.base_lrs = [math.inf] * len(trainer.scheduler.base_lrs)
+    with pytest.raises(UserError, match="stopping at step 3: 2 optimizer steps in a row had a non-finite"):
+        trainer.train()
+    assert not (tmp_path / "final").exists()
+    with pytest.raises(UserError, match="refusing to write the final model .* inf or nan"):
+        trainer._export(tmp_path / "final")
+    with pytest.raises(UserError, match="refusing to write the checkpoint of step 3"):
+        trainer.save()
+    assert not (tmp_path / "final").exists() and not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_resume_refuses_changed_options_or_applies_them_when_allowed(assets, tmp_path):
+    seed = random.randrange(1000)
+    Trainer(_config(assets, tmp_path, save_every=2, seed=seed)).train(stop_after=2)
+    with pytest.raises(UserError, match=r"beta \(0.3 -> 0.5\), lr \(0.01 -> 0.03\).*allow_config_change"):
+        Trainer(_config(assets, tmp_path, save_every=2, seed=seed, lr=3e-2, beta=0.5))
+    with pytest.raises(UserError, match=r"lora_r \(0 -> 4\)"):
+        Trainer(_config(assets, tmp_path, save_every=2, seed=seed, lora_r=4, allow_config_change=True))
+    # Free options (how the run executes and reports) never count as changes.
+    assert Trainer(_config(assets, tmp_path, save_every=1, seed=seed, log_every=3)).step == 2
+
+    changed = _config(
+        assets,
+        tmp_path,
+        save_every=2,
+        seed=seed,
+        lr=3e-2,
+        max_steps=6,
+        warmup_steps=3,
+        allow_config_change=True,
+    )
+    trainer = Trainer(changed)
+    assert trainer.step == 2
+    expected = 3e-2 * _warmup_cosine(2, warmup=3, total=6, min_ratio=0.0)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == pytest.approx([expected] * 2)
+    trainer.train()
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert recorded["lr"] == 3e-2 and recorded["max_steps"] == 6
+    # The checkpoints after the change record it: resuming them needs no flag.
+    assert Trainer(_config(assets, tmp_path, seed=seed, lr=3e-2, max_steps=6, warmup_steps=3)).step == 6
+
+
+def test_metrics_do_not_repeat_after_a_resume_and_num_tokens_is_a_total(assets, tmp_path):
+    seed = random.randrange(1000)
+    first = Trainer(_config(assets, tmp_path, save_every=2, log_every=1, seed=seed))
+    first.train(stop_after=3)  # checkpoint at 2, step 3 logged after it
+    resumed = Trainer(_config(assets, tmp_path, save_every=2, log_every=2, seed=seed))
+    assert resumed.step == 2
+    resumed.train()
+    records = _read_metrics(tmp_path, "train")
+    assert [r["step"] for r in records] == [1, 2, 4]
+    tokens = resumed.train_split.tokens
+    totals = np.cumsum([sum(int(tokens[b].sum()) for b in step) for step in resumed._epoch_plan(0)])
+    assert [r["num_tokens"] for r in records] == [totals[0], totals[1], totals[3]]
+
+
+def test_a_signal_ends_the_run_after_the_step_with_a_checkpoint(assets, tmp_path, monkeypatch):
+    seed = random.randrange(1000)
+    trainer = Trainer(_config(assets, tmp_path, seed=seed))
+    step = trainer._train_step
+
+    def signalled_in_step_2(bins):
+        if trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(bins)
+
+    trainer._train_step = signalled_in_step_2
+    assert trainer.train() == {}
+    assert trainer.stopped_by == signal.SIGTERM and trainer.step == 2
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-00000002"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, "the handler is restored"
+    resumed = Trainer(_config(assets, tmp_path, seed=seed))
+    assert resumed.step == 2
+
+    def signalled(config):
+        run = Trainer(config)
+        monkeypatch.setattr(
+            run, "_train_step", lambda bins: os.kill(os.getpid(), signal.SIGINT) or step(bins)
+        )
+        return run
+
+    monkeypatch.setattr(loop, "Trainer", signalled)
+    with pytest.raises(SystemExit) as exit_info:
+        loop.train(_config(assets, tmp_path / "cli", seed=seed))
+    assert exit_info.value.code == 130
+
+
+def test_time_based_saving(assets, tmp_path):
+    Trainer(_config(assets, tmp_path, save_every_minutes=1e-9, keep_last=4)).train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == [
+        f"checkpoint-0000000{i}" for i in (1, 2, 3, 4)
+    ]

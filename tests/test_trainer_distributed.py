@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from fastdpo.demo import build_model, build_tokenizer
 from fastdpo.distributed import init_distributed, unwrap_model
-from fastdpo.trainer import METRIC_NAMES, TrainConfig, Trainer
+from fastdpo.train import METRIC_NAMES, TrainConfig, Trainer
 
 CRASH_TIMEOUT_S = 20
 

@@ -29,8 +29,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fastdpo.integrations.trl import FastDPOTrainer, check_trl_version  # noqa: E402
 
-# By module path: fastdpo.ops may re-export the function under the module's name.
-linear_logprobs_ops = importlib.import_module("fastdpo.ops.linear_logprobs")
+# By module path: the Triton launchers, whose chunk fold the triton-backend test counts.
+head_triton = importlib.import_module("fastdpo.ops._head_triton")
 REPO = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(40)]
 VOCAB = {"<pad>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
@@ -107,9 +107,9 @@ def _dataset(rows: int = 8, seed: int = 0) -> Dataset:
     )
 
 
-def _llama_config(tie: bool = False) -> LlamaConfig:
+def _llama_config(tie: bool = False, vocab: int = len(VOCAB)) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(VOCAB),
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -120,15 +120,15 @@ def _llama_config(tie: bool = False) -> LlamaConfig:
     )
 
 
-def _states(tie: bool = False) -> tuple[dict, dict]:
+def _states(tie: bool = False, vocab: int = len(VOCAB)) -> tuple[dict, dict]:
     """Fresh random (policy, reference) weights; each trainer loads its own copies."""
-    policy = LlamaForCausalLM(_llama_config(tie)).state_dict()
-    reference = LlamaForCausalLM(_llama_config(tie)).state_dict()
+    policy = LlamaForCausalLM(_llama_config(tie, vocab)).state_dict()
+    reference = LlamaForCausalLM(_llama_config(tie, vocab)).state_dict()
     return policy, reference
 
 
-def _model(state: dict, tie: bool = False) -> LlamaForCausalLM:
-    model = LlamaForCausalLM(_llama_config(tie))
+def _model(state: dict, tie: bool = False, vocab: int = len(VOCAB)) -> LlamaForCausalLM:
+    model = LlamaForCausalLM(_llama_config(tie, vocab))
     model.load_state_dict(state)
     return model
 
@@ -161,25 +161,28 @@ def _one_batch(trainer: DPOTrainer) -> tuple[torch.Tensor, dict[str, torch.Tenso
     return loss.detach(), grads, metrics
 
 
-def _assert_same(stock: tuple, fast: tuple, *, metric_keys_equal: bool = True) -> None:
+def _assert_same(stock: tuple, fast: tuple, *, metric_keys_equal: bool = True, rtol: float = 1e-5) -> None:
     stock_loss, stock_grads, stock_metrics = stock
     fast_loss, fast_grads, fast_metrics = fast
-    torch.testing.assert_close(fast_loss, stock_loss, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast_loss, stock_loss, rtol=rtol, atol=1e-7)
     assert set(fast_grads) == set(stock_grads) and stock_grads
     for name, g in stock_grads.items():
         # Entries near zero carry the absolute rounding of the whole reduction, hence the per-tensor atol.
-        torch.testing.assert_close(fast_grads[name], g, rtol=1e-5, atol=1e-5 * float(g.abs().max()), msg=name)
+        assert fast_grads[name].dtype == g.dtype, name
+        torch.testing.assert_close(fast_grads[name], g, rtol=rtol, atol=rtol * float(g.abs().max()), msg=name)
     if metric_keys_equal:
         assert set(fast_metrics) == set(stock_metrics)
     for key, value in stock_metrics.items():
         # Rewards are differences of log-probs of size ~15, so their rounding is absolute, not relative.
         fast_value = fast_metrics[key]
-        assert math.isclose(fast_value, value, rel_tol=1e-5, abs_tol=1e-6), (key, fast_value, value)
+        assert math.isclose(fast_value, value, rel_tol=rtol, abs_tol=rtol / 10), (key, fast_value, value)
 
 
-def _stock_and_fast(tmp_path: Path, no_trl_head, build, policy: dict, reference: dict) -> list[tuple]:
+def _stock_and_fast(
+    tmp_path: Path, no_trl_head, build, policy: dict, reference: dict, *, settings=None, dataset=None
+) -> list[tuple]:
     """One batch through the stock trainer, then through FastDPOTrainer with TRL's own head disabled."""
-    dataset = _dataset()
+    dataset = _dataset() if dataset is None else dataset
     runs = []
     for cls in (DPOTrainer, FastDPOTrainer):
         if cls is FastDPOTrainer:
@@ -187,7 +190,7 @@ def _stock_and_fast(tmp_path: Path, no_trl_head, build, policy: dict, reference:
         trainer = cls(
             model=build(policy),
             ref_model=build(reference),
-            args=_args(tmp_path),
+            args=_args(tmp_path, **(settings or {})),
             train_dataset=dataset,
             processing_class=_tokenizer(),
         )
@@ -235,6 +238,70 @@ def test_matches_stock_trainer(case: str, tmp_path: Path, no_trl_head) -> None:
         )
     )
     _assert_same(stock, fast)
+
+
+# Every TRL 1.16 loss type, and gradient checkpointing, under TRL's bf16 autocast.
+BF16_CASES = [*list(LOSS_CASES)[:15], "gradient_checkpointing"]
+# Above the 8192 vocab columns per chunk of fastdpo's former torch backend, which rounded each chunk's
+# product to bf16 before summing.
+BIG_VOCAB = 9000
+
+
+@pytest.mark.parametrize("case", BF16_CASES)
+def test_bf16_autocast_matches_stock(case: str, tmp_path: Path, no_trl_head) -> None:
+    """Under bf16 autocast the head casts inside and returns fp32 gradients, as TRL's: equal to rtol 1e-6."""
+    policy, reference = _states(vocab=BIG_VOCAB)
+
+    def build(state: dict) -> LlamaForCausalLM:
+        return _model(state, vocab=BIG_VOCAB)
+
+    dataset = _dataset(seed=len(case))
+    settings = {**LOSS_CASES[case], "bf16": True}
+    stock, fast = _stock_and_fast(
+        tmp_path, no_trl_head, build, policy, reference, settings=settings, dataset=dataset
+    )
+    _assert_same(stock, fast, rtol=1e-6)
+    if case == "sigmoid":
+        # Negative control: without autocast the loss differs, so autocast was on.
+        fp32 = FastDPOTrainer(
+            model=build(policy),
+            ref_model=build(reference),
+            args=_args(tmp_path, **LOSS_CASES[case]),
+            train_dataset=dataset,
+            processing_class=_tokenizer(),
+        )
+        assert abs(float(_one_batch(fp32)[0]) - float(stock[0])) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"loss_type": "sigmoid"},
+        {"loss_type": ["ipo", "bco_pair"], "loss_weights": [0.5, 1.0], "ld_alpha": 0.5},
+        {"loss_type": "robust", "label_smoothing": 0.1, "bf16": True},
+    ],
+)
+def test_wpo_matches_stock(settings: dict, tmp_path: Path, no_trl_head) -> None:
+    """WPO (``use_weighting``): pair losses weighted by exp(mean(logp - log sum p^2)), as stock TRL."""
+    policy, reference = _states(vocab=BIG_VOCAB)
+
+    def build(state: dict) -> LlamaForCausalLM:
+        return _model(state, vocab=BIG_VOCAB)
+
+    stock, fast = _stock_and_fast(
+        tmp_path, no_trl_head, build, policy, reference, settings={**settings, "use_weighting": True}
+    )
+    _assert_same(stock, fast, rtol=1e-6)
+    unweighted = _one_batch(
+        FastDPOTrainer(
+            model=build(policy),
+            ref_model=build(reference),
+            args=_args(tmp_path, **settings),
+            train_dataset=_dataset(),
+            processing_class=_tokenizer(),
+        )
+    )
+    assert abs(float(unweighted[0]) - float(fast[0])) > 1e-3 * abs(float(fast[0]))
 
 
 def test_tied_embeddings(tmp_path: Path, no_trl_head) -> None:
@@ -437,10 +504,8 @@ def test_triton_backend_under_interpreter(
     no_trl_head()
     monkeypatch.setenv("FASTDPO_BACKEND", "triton")
     calls = []
-    triton_forward = linear_logprobs_ops._triton_forward
-    monkeypatch.setattr(
-        linear_logprobs_ops, "_triton_forward", lambda *a, **k: calls.append(1) or triton_forward(*a, **k)
-    )
+    fold_forward = head_triton.fold_forward
+    monkeypatch.setattr(head_triton, "fold_forward", lambda *a, **k: calls.append(1) or fold_forward(*a, **k))
     fast = _one_batch(
         FastDPOTrainer(
             model=_model(policy),
@@ -450,7 +515,7 @@ def test_triton_backend_under_interpreter(
             processing_class=_tokenizer(),
         )
     )
-    assert len(calls) == 2  # the reference and the policy log-probs
+    assert len(calls) == 2  # the reference and the policy log-probs, one chunk each
     _assert_same(stock, fast)
 
 
@@ -497,9 +562,9 @@ def test_version_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("settings", "extra", "match"),
     [
-        ({"use_weighting": True}, {}, "use_weighting"),
         ({"loss_type": "simpo"}, {}, "unknown loss_type"),
         ({}, {"backend": "cuda"}, "backend must be"),
+        ({}, {"impl": "tiled"}, "impl must be"),
     ],
 )
 def test_rejects_unsupported_settings(tmp_path: Path, settings: dict, extra: dict, match: str) -> None:
@@ -513,6 +578,32 @@ def test_rejects_unsupported_settings(tmp_path: Path, settings: dict, extra: dic
             processing_class=_tokenizer(),
             **extra,
         )
+
+
+def test_full_determinism_picks_the_chunked_impl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    policy, reference = _states()
+    # full_determinism flips process-wide switches; restore them after the test.
+    for name in ("CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "ASCEND_LAUNCH_BLOCKING",
+                 "HCCL_DETERMINISTIC", "FLASH_ATTENTION_DETERMINISTIC"):  # fmt: skip
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        impls = []
+        for full, impl in ((True, None), (True, "fused"), (False, None)):
+            trainer = FastDPOTrainer(
+                model=_model(policy),
+                ref_model=_model(reference),
+                args=_args(tmp_path, full_determinism=full),
+                train_dataset=_dataset(),
+                processing_class=_tokenizer(),
+                impl=impl,
+            )
+            impls.append(trainer.fastdpo_loss.spec.head.impl)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
+    assert impls == ["chunked", "fused", None]
 
 
 def test_train_two_steps(tmp_path: Path, no_trl_head) -> None:

@@ -4,7 +4,7 @@ Dimension letters: N tokens, M valid (non-ignored) tokens, D hidden, V vocab, ``
 
 Megatron-style tensor parallelism splits the lm_head weight ``[V, D]`` by rows: rank r holds rows
 ``[offset_r, offset_r + V_r)`` and every rank holds the same hidden states and targets. Each rank runs the
-fused kernels of :mod:`fastdpo.ops.linear_logprobs` on its own rows only, so no rank ever sees more than
+head's kernels (:mod:`fastdpo.ops._head`) on its own rows only, so no rank ever sees more than
 ``[M, V_r]`` logits, and the ranks exchange O(M) numbers per token to make the result exact:
 
 * forward: each rank computes its shard's log-sum-exp ``lse_r`` and its share of the target logit (the
@@ -24,13 +24,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastdpo.ops.linear_logprobs import (
-    IGNORE_INDEX,
-    filter_threshold,
-    logprobs_backward,
-    logprobs_forward,
-    resolve_backend,
-)
+from fastdpo.ops._head import logprobs_backward, logprobs_forward
+from fastdpo.ops._head_common import IGNORE_INDEX, filter_threshold, resolve_backend, resolve_impl
 
 __all__ = ["vocab_parallel_linear_logprobs"]
 
@@ -57,6 +52,7 @@ class _Opts:
     softcap: float | None
     filter_eps: float
     backend: str
+    impl: str
 
 
 def _local_problem(
@@ -181,7 +177,14 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         in_shard = (local >= 0) & (local < layout.rows)
         local = torch.where(in_shard, local, -1)
         logp_local, lse_local = logprobs_forward(
-            h, weight, bias, local, temperature=opts.temperature, softcap=opts.softcap, backend=opts.backend
+            h,
+            weight,
+            bias,
+            local,
+            temperature=opts.temperature,
+            softcap=opts.softcap,
+            backend=opts.backend,
+            impl=opts.impl,
         )
         lse = lse_local
         target_logit = torch.where(in_shard, logp_local + lse_local, 0.0)
@@ -207,7 +210,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         dh, dw, db = logprobs_backward(
             grad_out.index_select(0, valid_rows), h, weight, bias, local, lse,
             temperature=opts.temperature, softcap=opts.softcap, filter_eps=opts.filter_eps,
-            backend=opts.backend, needs_input_grad=ctx.needs_input_grad[:3],
+            backend=opts.backend, impl=opts.impl, needs_input_grad=ctx.needs_input_grad[:3],
         )  # fmt: skip
         if dh is not None:
             # This rank's rows give only their share of dlogits @ W; the sum over the group is the gradient.
@@ -231,6 +234,8 @@ def vocab_parallel_linear_logprobs(
     softcap: float | None = None,
     filter_eps: float | str | None = "auto",
     backend: str | None = None,
+    impl: str | None = None,
+    stats: bool = False,
 ) -> torch.Tensor:
     """Equals ``linear_logprobs(hidden, W, targets, b)`` with ``W`` / ``b`` the shards stacked in row order.
 
@@ -264,6 +269,8 @@ def vocab_parallel_linear_logprobs(
         softcap: Gemma-2 final-logit soft-capping value, or None.
         filter_eps: backward gradient filtering of the triton backend, as in ``linear_logprobs``.
         backend: ``"triton"`` or ``"torch"``; default ``FASTDPO_BACKEND``, else triton on CUDA.
+        impl: ``"fused"`` or ``"chunked"``, as in ``linear_logprobs``.
+        stats: must be False: the per-token statistics are not combined across shards.
 
     Returns:
         fp32 ``[...]`` log-probs, the same on every rank. Gradients reach hidden (complete, all-reduced over
@@ -275,6 +282,8 @@ def vocab_parallel_linear_logprobs(
             the shards do not tile ``[0, V)``, ranks hold different hidden shapes or targets, or a target
             lies outside ``[0, V)``.
     """
+    if stats:
+        raise ValueError("stats=True is not supported over a vocab-sharded head (group=); pass stats=False")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("vocab_parallel_linear_logprobs needs an initialized torch.distributed group")
     if vocab_offset is not None and (isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int)):
@@ -292,7 +301,8 @@ def vocab_parallel_linear_logprobs(
             f"target {bad} is outside [0, V={layout.vocab_size}) and is not ignore_index={ignore_index}"
         )
     chosen = resolve_backend(hidden.device, backend)
-    eps = filter_threshold(filter_eps, hidden.dtype) if chosen == "triton" else 0.0
+    chosen_impl = resolve_impl(impl)
+    eps = filter_threshold(filter_eps, hidden.dtype) if chosen == "triton" and chosen_impl == "fused" else 0.0
     opts = _Opts(
         group=group,
         ignore_index=int(ignore_index),
@@ -300,6 +310,7 @@ def vocab_parallel_linear_logprobs(
         softcap=None if softcap is None else float(softcap),
         filter_eps=eps,
         backend=chosen,
+        impl=chosen_impl,
     )
     out = _VocabParallelLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, targets1d, layout, opts

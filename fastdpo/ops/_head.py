@@ -1,0 +1,138 @@
+"""The head's entry points on compacted tokens: forward and backward for every backend x impl.
+
+Dimension letters: M valid (non-ignored) tokens, D hidden, V vocab. The public op
+(:mod:`fastdpo.ops.linear_logprobs`), the tensor-parallel head (:mod:`fastdpo.ops.vocab_parallel`) and the
+fused losses all call these two functions; the losses drive the backward themselves.
+
+=============  ===========================================  ==========================================
+backend        ``impl="fused"``                             ``impl="chunked"``
+=============  ===========================================  ==========================================
+``"triton"``   fused kernels: logits tiles never leave the  ``torch.mm`` into one buffer, Triton folds
+               chip; backward adds into fp32 with atomics   (:mod:`fastdpo.ops._head_chunked`)
+``"torch"``    the chunked code with torch folds (the torch backend has no fused kernels)
+=============  ===========================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdpo.ops._head_chunked import chunked_backward, chunked_forward, dz_scale
+from fastdpo.ops._head_common import TokenStats, combine_partials
+
+__all__ = ["logprobs_backward", "logprobs_forward"]
+
+
+def _empty_stats(device: torch.device) -> TokenStats:
+    empty = torch.zeros(0, device=device, dtype=torch.float32)
+    return TokenStats(empty, empty.clone(), torch.zeros(0, device=device, dtype=torch.bool), empty.clone())
+
+
+def logprobs_forward(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "torch",
+    impl: str = "fused",
+    stats: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, TokenStats]:
+    """Returns ``(logp, lse)``, each fp32 ``[M]``, for ``M`` tokens whose targets are valid or -1.
+
+    Equals, in plain PyTorch (no autograd: pair it with :func:`logprobs_backward`)::
+
+        z = cap(hidden.to(cd) @ weight.to(cd).T + bias.to(cd)).float() / temperature
+        logp, lse = z.log_softmax(-1)[targets], z.logsumexp(-1)
+
+    with ``cd = compute_dtype`` (default hidden's dtype): hidden, weight and bias may come in their own
+    dtypes (e.g. fp32 masters under autocast) and are cast chunk by chunk or tile by tile; sums run in
+    fp32. A target of -1 picks no logit (``logp = -lse``; the tensor-parallel head uses it for targets
+    outside its shard). With ``stats=True`` it returns ``(logp, lse, TokenStats)``; without, the kernels
+    compile without the statistics' code and it costs nothing.
+    """
+    compute_dtype = compute_dtype or hidden.dtype
+    if hidden.shape[0] == 0:
+        empty = torch.zeros(0, device=hidden.device, dtype=torch.float32)
+        return (empty, empty.clone(), _empty_stats(hidden.device)) if stats else (empty, empty.clone())
+    targets = targets.contiguous()
+    # The casts are explicit; an ambient autocast must not recast the fp32 accumulations.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if backend == "triton" and impl == "fused":
+            from fastdpo.ops import _head_triton
+
+            parts = _head_triton.fused_forward(
+                hidden, weight, bias.contiguous() if bias is not None else None, targets,
+                temperature=temperature, softcap=softcap, stats=stats, compute_dtype=compute_dtype,
+            )  # fmt: skip
+            logp, lse, token_stats = combine_partials(parts, weight.shape[0])
+        else:
+            logp, lse, token_stats = chunked_forward(
+                hidden, weight, bias, targets, temperature=temperature, softcap=softcap, backend=backend,
+                stats=stats, compute_dtype=compute_dtype,
+            )  # fmt: skip
+    return (logp, lse, token_stats) if stats else (logp, lse)
+
+
+def logprobs_backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    filter_eps: float = 0.0,
+    backend: str = "torch",
+    impl: str = "fused",
+    needs_input_grad: tuple[bool, bool, bool] = (True, True, True),
+    compute_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Returns ``(dhidden, dweight, dbias)`` of ``sum(grad_logp * logp)``, in the dtypes of those passed.
+
+    Gradients are accumulated in fp32 and cast once at the end, so fp32 master tensors get fp32
+    gradients whatever ``compute_dtype`` the products ran in. ``filter_eps > 0`` (triton backend, fused
+    impl) skips vocab tiles whose probabilities all fall below it. Gradients that are not needed come back
+    as None.
+    """
+    compute_dtype = compute_dtype or hidden.dtype
+    needs = (needs_input_grad[0], needs_input_grad[1], needs_input_grad[2] and bias is not None)
+    grad_logp = grad_logp.float().contiguous()
+    scale = dz_scale(grad_logp, temperature, compute_dtype)
+    if hidden.shape[0] == 0:
+        dh, dw, db = (
+            torch.zeros(0, hidden.shape[1], device=hidden.device, dtype=torch.float32),
+            torch.zeros(weight.shape, device=weight.device, dtype=torch.float32),
+            torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32),
+        )
+    elif backend == "triton" and impl == "fused":
+        from fastdpo.ops import _head_triton
+
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = _head_triton.fused_backward(
+                grad_logp, hidden, weight, bias.contiguous() if bias is not None else None,
+                targets.contiguous(), lse.contiguous(), temperature=temperature, softcap=softcap,
+                eps=filter_eps, needs=needs, compute_dtype=compute_dtype, scale=scale,
+            )  # fmt: skip
+    else:
+        with torch.autocast(hidden.device.type, enabled=False):
+            dh, dw, db = chunked_backward(
+                grad_logp, hidden, weight, bias, targets.contiguous(), lse.contiguous(),
+                temperature=temperature, softcap=softcap, backend=backend, needs=needs,
+                compute_dtype=compute_dtype, scale=scale,
+            )  # fmt: skip
+    if scale != 1.0:
+        # A power of two: dividing it out of the fp32 accumulators is exact.
+        for acc in (dh, dw, db):
+            if acc is not None:
+                acc /= scale
+    return (
+        dh.to(hidden.dtype) if needs[0] else None,
+        dw.to(weight.dtype) if needs[1] else None,
+        db.to(bias.dtype) if needs[2] else None,
+    )

@@ -1,0 +1,192 @@
+"""The chunked head (``impl="chunked"``, and the whole torch backend): matmuls into one reusable buffer.
+
+Dimension letters: M valid tokens, D hidden, V vocab; a chunk is ``[CM, CV]`` tokens x vocab.
+
+Forward, per chunk: ``buf = H_c @ W_c.T (+ b_c)`` by ``torch.mm`` (cuBLAS on a GPU) in the compute dtype,
+then a fold turns the chunk into the running max, sum-exp, target logit and the statistics. Backward
+recomputes each chunk, the fold turns it in place into ``dz = d logp / d logits``, and
+``dH += dz @ W_c``, ``dW_c += dz.T @ H_c`` accumulate in fp32. The fold is a Triton kernel on the triton
+backend (:mod:`fastdpo.ops._head_triton`) and the same math in torch on the torch backend. Every step is a
+deterministic matmul or a row-wise fold, so results are bitwise reproducible run to run.
+
+The numerics follow TRL 1.16's ``trl/kernels/chunked_logprob.py``: the logits chunk is rounded once to
+the compute dtype (as a matmul output in that dtype is), dz once to it, and products are summed in fp32
+without an intermediate rounding. Only fp16 differs: dz is scaled by a power of two first so that its
+small entries do not underflow, and the accumulators are divided by it at the end (exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastdpo.ops._head_common import Partials, combine_partials
+
+__all__ = ["chunk_shape", "chunked_backward", "chunked_forward"]
+
+# Elements of the one logits buffer (the impl's extra memory beside the fp32 gradient accumulators). On a
+# GPU, TRL's tile of 4096 x 32768 (256 MiB in bf16) keeps cuBLAS at full speed. On the CPU the torch fold
+# adds about four fp32 temporaries of the chunk's size, so the buffer stays at 4M elements (16 MiB).
+_GPU_CHUNK_ELEMENTS = 4096 * 32768
+_CPU_CHUNK_ELEMENTS = 4096 * 1024
+_CHUNK_M = 4096
+_MAX_CHUNK_V = 32768
+_MIN_CHUNK_V = 256
+# |dz| <= |g| / T; scaled to at most 2**14, the largest fp16 product stays finite and entries down to
+# 2**-38 of the largest survive (fp16's smallest subnormal is 2**-24).
+_FP16_DZ_MAX = 2.0**14
+
+
+def chunk_shape(m: int, v: int, device: torch.device) -> tuple[int, int]:
+    """``(CM, CV)``: TRL's 4096 x 32768 chunk, with fewer vocab columns where the buffer budget says so.
+
+    The buffer holds ``CM * CV <= 2**27`` elements on CUDA and at most ``max(2**22, 256 * CM)`` elsewhere.
+    Where the budget does not cut it, the chunk boundaries are TRL's, so that sums run in its order.
+    """
+    budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    cm = max(1, min(m, _CHUNK_M))
+    cv = min(v, _MAX_CHUNK_V, max(_MIN_CHUNK_V, budget // cm))
+    return cm, cv
+
+
+def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` into fp32 ``acc`` without rounding the product to the operands' dtype first."""
+    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
+def _transform(raw: torch.Tensor, inv_temp: float, softcap: float | None):
+    """``(z, t)``: ``z = cap(raw) / T`` and ``t = tanh(raw / softcap)`` (None without softcap), in fp32.
+
+    The order of operations is TRL's, so that both round alike.
+    """
+    if softcap is None:
+        return raw * inv_temp, None
+    t = torch.tanh(raw / softcap)
+    return softcap * t * inv_temp, t
+
+
+def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
+    """fp32 ``[K, M]`` running state: max, sum_exp, target, and with stats sum_exp_z, sum_exp2, sum_z,
+    max_before.
+
+    ``sum_exp*`` are relative to the running max; ``max_before`` is the largest logit left of the target.
+    """
+    fill = [float("-inf"), 0.0, 0.0] + ([0.0, 0.0, 0.0, float("-inf")] if stats else [])
+    return torch.tensor(fill, device=device, dtype=torch.float32)[:, None].repeat(1, m)
+
+
+def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
+    """Folds one logits chunk ``[n, CV]`` into ``state``, the chunk's rows ``[K, n]`` of :func:`new_state`."""
+    z, _ = _transform(tile.float(), inv_temp, softcap)
+    run_max, sum_exp, target = state[0], state[1], state[2]
+    has_stats = state.shape[0] > 3
+    local = targets - v0
+    n_cols = z.shape[1]
+    if has_stats:
+        sum_exp_z, sum_exp2, sum_z, max_before = state[3], state[4], state[5], state[6]
+        sum_z += z.sum(-1)
+        left = torch.arange(n_cols, device=z.device) < local[:, None]
+        max_before.copy_(torch.maximum(max_before, z.masked_fill(~left, float("-inf")).amax(-1)))
+    new_max = torch.maximum(run_max, z.amax(-1))
+    rescale = torch.exp(run_max - new_max)
+    e = torch.exp(z - new_max[:, None])
+    sum_exp.mul_(rescale).add_(e.sum(-1))
+    if has_stats:
+        sum_exp_z.mul_(rescale).add_((e * z).sum(-1))
+        sum_exp2.mul_(rescale * rescale).add_((e * e).sum(-1))
+    run_max.copy_(new_max)
+    inside = (local >= 0) & (local < n_cols)
+    picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
+    target.copy_(torch.where(inside, picked, target))
+
+
+def torch_fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
+    """Turns one logits chunk in place into ``scale * d(sum grad * logp) / d(raw logits)``."""
+    z, t = _transform(tile.float(), inv_temp, softcap)
+    onehot = torch.arange(v0, v0 + z.shape[1], device=z.device) == targets[:, None]
+    dz = grad[:, None] * (onehot.float() - torch.exp(z - lse[:, None]))
+    dz *= inv_temp
+    if t is not None:
+        dz *= 1 - t * t
+    if scale != 1.0:
+        dz *= scale
+    tile.copy_(dz)
+
+
+def _folds(backend: str):
+    if backend == "triton":
+        from fastdpo.ops import _head_triton
+
+        return _head_triton.fold_forward, _head_triton.fold_backward
+    return torch_fold_forward, torch_fold_backward
+
+
+def _chunks(hidden, weight, bias, compute_dtype, buf):
+    """Yields ``(rows, cols, h_c, w_c, tile)``, ``tile = h_c @ w_c.T + b_c`` in ``buf`` (compute dtype)."""
+    m, v = hidden.shape[0], weight.shape[0]
+    cm, cv = buf.shape
+    for m0 in range(0, m, cm):
+        rows = slice(m0, min(m0 + cm, m))
+        h = hidden[rows].to(compute_dtype)
+        for v0 in range(0, v, cv):
+            cols = slice(v0, min(v0 + cv, v))
+            w = weight[cols].to(compute_dtype)
+            tile = buf[: h.shape[0], : w.shape[0]]
+            torch.mm(h, w.T, out=tile)
+            if bias is not None:
+                tile.add_(bias[cols].to(compute_dtype))
+            yield rows, cols, h, w, tile
+
+
+def chunked_forward(hidden, weight, bias, targets, *, temperature, softcap, backend, stats, compute_dtype):
+    """``(logp, lse, stats | None)`` of the M rows, by chunks; see ``_head.logprobs_forward``."""
+    m, v = hidden.shape[0], weight.shape[0]
+    buf = torch.empty(chunk_shape(m, v, hidden.device), device=hidden.device, dtype=compute_dtype)
+    state = new_state(m, hidden.device, stats)
+    fold_forward, _ = _folds(backend)
+    for rows, cols, _, _, tile in _chunks(hidden, weight, bias, compute_dtype, buf):
+        fold_forward(tile, targets[rows], state[:, rows], cols.start, 1.0 / temperature, softcap)
+    run_max, sum_exp, target = state[0], state[1], state[2]
+    lse = run_max + torch.log(sum_exp)
+    parts = Partials(lse[None], target[None])
+    if stats:
+        sum_exp_z, sum_exp2, sum_z, max_before = state[3], state[4], state[5], state[6]
+        log_sum_p2 = torch.log(sum_exp2) - 2 * torch.log(sum_exp)
+        parts = Partials(lse[None], target[None], (sum_exp_z / sum_exp)[None], log_sum_p2[None],
+                         sum_z[None], max_before[None], run_max[None])  # fmt: skip
+    return combine_partials(parts, v)
+
+
+def dz_scale(grad: torch.Tensor, temperature: float, compute_dtype: torch.dtype) -> float:
+    """A power of two that lifts fp16 dz clear of underflow (1.0 for other dtypes)."""
+    if compute_dtype != torch.float16 or grad.numel() == 0:
+        return 1.0
+    peak = grad.abs().max().item() / temperature
+    return 1.0 if peak == 0 else 2.0 ** math.floor(math.log2(_FP16_DZ_MAX / peak))
+
+
+def chunked_backward(grad, hidden, weight, bias, targets, lse, *, temperature, softcap, backend, needs,
+                     compute_dtype, scale):  # fmt: skip
+    """fp32 ``(dH, dW, db)`` times ``scale`` (None where not needed); see ``_head.logprobs_backward``."""
+    m, d = hidden.shape
+    v = weight.shape[0]
+    need_dh, need_dw, need_db = needs
+    dh = torch.zeros(m, d, device=hidden.device, dtype=torch.float32) if need_dh else None
+    dw = torch.zeros(v, d, device=hidden.device, dtype=torch.float32) if need_dw else None
+    db = torch.zeros(v, device=hidden.device, dtype=torch.float32) if need_db else None
+    buf = torch.empty(chunk_shape(m, v, hidden.device), device=hidden.device, dtype=compute_dtype)
+    _, fold_backward = _folds(backend)
+    for rows, cols, h, w, tile in _chunks(hidden, weight, bias, compute_dtype, buf):
+        inv_temp = 1.0 / temperature
+        fold_backward(tile, targets[rows], lse[rows], grad[rows], cols.start, inv_temp, softcap, scale)
+        if need_dh:
+            _addmm_fp32(dh[rows], tile, w)
+        if need_dw:
+            _addmm_fp32(dw[cols], tile.T, h)
+        if need_db:
+            db[cols] += tile.sum(0, dtype=torch.float32)
+    return dh, dw, db

@@ -1,0 +1,488 @@
+"""``Trainer``: the packed DPO training loop, read top to bottom.
+
+One optimizer step:
+
+1. The epoch's pairs are packed into bins of at most ``tokens_per_step`` tokens; consecutive bins form a
+   step of at most ``tokens_per_optimizer_step`` tokens (``plan.epoch_plan``), so gradient accumulation is
+   counted in tokens, not micro-batches.
+2. Each bin of this rank is packed, run through the decoder and scored by ``FusedLinearDPOLoss`` against
+   the lm_head weight (``forward.PackedForward``): logits are never materialized. Unpaired data
+   (``loss_type`` kto / apo_zero_unpaired) go through ``FusedLinearKTOLoss`` instead (``kto``).
+3. Each micro-batch's mean loss is weighted by its share of the step's pairs, so the accumulated gradient
+   is that of the mean loss over every pair of the step.
+4. Gradient clipping, AdamW, linear warmup then cosine decay; metrics under TRL's names; evaluation;
+   atomic checkpoints that resume exactly (model, optimizer, scheduler, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from tqdm.auto import tqdm
+
+from fastdpo.distributed import gradient_sync, wrap_model
+from fastdpo.errors import UserError
+from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
+from fastdpo.losses.kto import KTO_LOSS_TYPES
+from fastdpo.train.build import (
+    add_lora,
+    build_optimizer,
+    build_scheduler,
+    join_job,
+    load_model,
+    logit_transform,
+    prepare_model,
+    resolve_device,
+    seed_everything,
+)
+from fastdpo.train.checkpoints import RunCheckpoints, check_resume
+from fastdpo.train.config import DTYPES, TrainConfig
+from fastdpo.train.forward import PackedForward
+from fastdpo.train.kto import UnpairedForward, build_kto_loss, load_unpaired_splits
+from fastdpo.train.metrics import MetricsLog, summarize
+from fastdpo.train.plan import epoch_plan, load_splits
+from fastdpo.train.reference import precompute_reference, reference_inputs
+from fastdpo.train.signals import StopSignals
+
+__all__ = ["Trainer", "train"]
+
+logger = logging.getLogger("fastdpo")
+# Options that fix which pairs form which step; a checkpoint cannot resume under different ones.
+_PLAN_KEYS = ("seed", "tokens_per_step", "tokens_per_optimizer_step", "shared_prompt")
+
+
+class Trainer:
+    """Packed DPO training of one policy: ``Trainer(config).train()`` is ``fastdpo train``.
+
+    Under torchrun (``RANK`` / ``WORLD_SIZE`` set) the process joins the job with ``init_distributed``
+    and trains data-parallel as ``config.strategy`` says; otherwise it is a single process.
+
+    Args:
+        config: The run's options.
+        model: An already built transformers causal LM to train instead of loading ``config.model``
+            (which then only names it). It is used as it is (dtype included), moved to the device and
+            prepared like a loaded one (no KV cache, dropout off, gradient checkpointing). With
+            ``reference="precompute"`` and no ``ref_model``, its reference log-probs are computed but
+            never read from or written to the disk cache, since nothing identifies its weights.
+        tokenizer: Its tokenizer; default: loaded from ``config.tokenizer`` or ``config.model``.
+        rank: Expected rank, checked against the process group (default: whatever it is).
+        world_size: Expected number of ranks, checked likewise.
+
+    Attributes:
+        model: The policy as trained: wrapped by DDP / FSDP2 under those strategies, a peft model when
+            ``lora_r > 0``; ``fastdpo.distributed.unwrap_model(model)`` is the transformers model.
+        tokenizer: Its tokenizer.
+        dist: This process's place in the job (``fastdpo.distributed.DistState``).
+        step: Optimizer steps taken so far (restored on resume).
+        total_steps: Steps the run will take.
+        stopped_by: The signal (``signal.SIGINT`` / ``SIGTERM``) that ended the last ``train()`` early,
+            else None.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
+        if model is not None and not callable(getattr(model, "get_decoder", None)):
+            raise TypeError(
+                f"model: expected a transformers causal LM (with get_decoder()), got {type(model).__name__}"
+            )
+        self.config = cfg = config
+        self.dist = join_job(cfg, rank, world_size)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.out_dir = Path(cfg.output_dir)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out_dir / "cache"
+        seed_everything(cfg.seed)
+        self.device = resolve_device(cfg, self.dist)
+        auto_dtype = "bf16" if self.device.type == "cuda" else "fp32"
+        self.compute_dtype = DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype]
+
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(
+                cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
+            )
+        self.tokenizer = tokenizer
+        injected = model is not None
+        if injected:
+            self.model = prepare_model(cfg, model, self.device)
+        else:
+            self.model = load_model(cfg, cfg.model, self.device)
+        # KTO's loss types train on unpaired rows (fastdpo.train.kto); every other one on pairs.
+        unpaired = cfg.loss_type in KTO_LOSS_TYPES
+        load = load_unpaired_splits if unpaired else load_splits
+        self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
+
+        needs_ref = unpaired or LOSS_TYPES[cfg.loss_type].needs_reference
+        self.reference = cfg.reference if needs_ref else "none"
+        temperature, softcap = logit_transform(self.model)
+        if unpaired:
+            self.loss_fn = build_kto_loss(cfg, temperature=temperature, softcap=softcap)
+        else:
+            self.loss_fn = FusedLinearDPOLoss(
+                beta=cfg.beta,
+                loss_type=cfg.loss_type,
+                label_smoothing=cfg.label_smoothing,
+                reference_free=needs_ref and cfg.reference == "none",
+                temperature=temperature,
+                softcap=softcap,
+                backend=cfg.backend,
+            )
+        self.ref_model = None
+        if self.reference == "model":
+            self.ref_model = load_model(cfg, cfg.ref_model, self.device, trainable=False)
+        if cfg.lora_r:
+            self.model = add_lora(cfg, self.model)
+        if cfg.strategy != "none":
+            self.model = wrap_model(self.model, cfg.strategy, self.dist)
+        self.forward = (UnpairedForward if unpaired else PackedForward)(
+            cfg,
+            self.dist,
+            self.device,
+            self.compute_dtype,
+            self.model,
+            self.loss_fn,
+            temperature=temperature,
+            softcap=softcap,
+        )
+        self.eval_bins = self.eval_split.fixed_bins(cfg.tokens_per_step) if self.eval_split else []
+        if self.reference == "precompute":
+            self._precompute_references(cacheable=bool(cfg.ref_model) or not injected)
+
+        self.total_steps = cfg.max_steps or sum(len(self._epoch_plan(e)) for e in range(cfg.epochs))
+        self.optimizer = build_optimizer(cfg, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps)
+        self.checkpoints = RunCheckpoints(self.forward, self.out_dir, self.optimizer, self.scheduler)
+        self.step = self.epoch = self.step_in_epoch = self.num_tokens = 0
+        self.stopped_by: int | None = None
+        self.metrics_log: MetricsLog | None = None  # opened by train(), which truncates it to self.step
+        if cfg.resume:
+            self._resume_latest()
+
+    def _precompute_references(self, *, cacheable: bool) -> None:
+        """Reference log-probs of every split: ``ref_model``'s if set, else the policy's before any update."""
+        cfg, source, budget = self.config, [], self.config.tokens_per_step
+
+        def reference_model() -> nn.Module:  # loaded on the first cache miss only
+            if not source:
+                ref = load_model(cfg, cfg.ref_model, self.device, trainable=False) if cfg.ref_model else None
+                source.append(ref or self.model)
+            return source[0]
+
+        for split in filter(None, (self.train_split, self.eval_split)):
+            # The eval plan is the one evaluate() uses, so before any update the policy scores it identically.
+            bins = self.eval_bins if split is self.eval_split else split.fixed_bins(budget)
+            precompute_reference(
+                self.forward,
+                split,
+                bins,
+                cache_dir=self.cache_dir,
+                cacheable=cacheable,
+                source=reference_model,
+            )
+
+    def _epoch_plan(self, epoch: int) -> list[list[np.ndarray]]:
+        """The epoch's optimizer steps, each a list of bins (of all ranks), deterministic in (seed, epoch)."""
+        split = self.train_split
+        return epoch_plan(split.tokens, self.config, epoch, self.world_size, split.bins)
+
+    # ------------------------------------------------------------------ training
+
+    def train(self, *, stop_after: int | None = None) -> dict[str, dict[str, float]]:
+        """Runs the remaining optimizer steps, evaluating, logging and checkpointing on the way.
+
+        A step whose loss or gradient norm is not finite is not applied (logged as ``split: skipped``);
+        after ``max_bad_steps`` of them in a row the run stops with a ``UserError``. SIGINT / SIGTERM
+        end the run after the current step with a checkpoint, and ``stopped_by`` names the signal.
+
+        Args:
+            stop_after: Return right after this global step, as if the job were killed there (no final
+                evaluation or export); the next ``Trainer`` with ``resume=True`` carries on.
+
+        Returns:
+            ``{"train": last logged train metrics, "eval": last eval metrics}``; ``eval`` only with eval
+            pairs, ``train`` only once a step was logged.
+        """
+        cfg = self.config
+        self._write_config()
+        if self.metrics_log is None:
+            self.metrics_log = MetricsLog(
+                self.out_dir, self.step, enabled=self.dist.is_main, tensorboard=cfg.tensorboard
+            )
+        result: dict[str, dict[str, float]] = {}
+        pending: list[dict[str, float]] = []
+        evaluated_at = saved_at = -1
+        bad_steps = 0
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.step,
+            desc="dpo",
+            dynamic_ncols=True,
+            disable=not (cfg.progress and self.dist.is_main),
+        )
+        self.model.train()
+        with StopSignals(cfg.save_every_minutes) as signals:
+            while self.step < self.total_steps:
+                plan = self._epoch_plan(self.epoch)
+                while self.step_in_epoch < len(plan) and self.step < self.total_steps:
+                    metrics = self._step_or_explain(plan[self.step_in_epoch])
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    bar.update(1)
+                    if _applied(metrics):
+                        bad_steps = 0
+                        metrics["epoch"] = self.epoch + self.step_in_epoch / len(plan)
+                        pending.append(metrics)
+                        # shown[1]: DPO's reward accuracy ("acc"), KTO's KL term ("kl").
+                        second = self.forward.shown[1]
+                        bar.set_postfix(
+                            loss=f"{metrics['loss']:.4f}",
+                            **{second.split("/")[-1][:3]: f"{metrics.get(second, math.nan):.2f}"},
+                            tok_s=f"{metrics['tokens_per_second']:.0f}",
+                        )
+                    else:
+                        bad_steps = self._skipped(metrics, bad_steps + 1)
+                    if pending and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                        result["train"] = summarize(pending)
+                        self.metrics_log.log(self.step, "train", result["train"])
+                        pending = []
+                    if self.eval_split is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+                        result["eval"] = self._log_eval()
+                        evaluated_at = self.step
+                    stop, save_due = signals.poll(self.dist.is_main)
+                    if stop is not None or save_due or (cfg.save_every and self.step % cfg.save_every == 0):
+                        path = self.save()
+                        signals.saved()
+                        saved_at = self.step
+                    if stop is not None:
+                        self.stopped_by = stop
+                        logger.warning(
+                            "stopped by %s after step %d; checkpoint %s; rerun the same command to resume",
+                            signal.Signals(stop).name,
+                            self.step,
+                            path,
+                        )
+                    if stop is not None or (stop_after is not None and self.step >= stop_after):
+                        bar.close()
+                        self.metrics_log.flush()
+                        return result
+                if self.step_in_epoch >= len(plan):
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        bar.close()
+        if self.eval_split is not None and evaluated_at != self.step:
+            result["eval"] = self._log_eval()
+        if cfg.save_every and saved_at != self.step and self.step > 0:
+            self.save()
+        if cfg.save_model:
+            self._export(self.out_dir / "final")
+        self.metrics_log.flush()
+        return result
+
+    def _write_config(self) -> None:
+        """Records the options this run uses in ``output_dir/config.yaml`` (rank 0)."""
+        if self.dist.is_main:
+            import yaml
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.out_dir / f".config.yaml.{os.getpid()}.tmp"
+            tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
+            os.replace(tmp, self.out_dir / "config.yaml")
+
+    def _skipped(self, metrics: dict[str, float], bad_steps: int) -> int:
+        """Logs a step whose update was not applied; stops the run after ``max_bad_steps`` in a row."""
+        loss, grad_norm, limit = metrics["loss"], metrics["grad_norm"], self.config.max_bad_steps
+        logger.warning(
+            "step %d skipped: non-finite loss %s or grad_norm %s, the update was not applied (%d in a row, "
+            "max_bad_steps %d)",
+            self.step,
+            loss,
+            grad_norm,
+            bad_steps,
+            limit,
+        )
+        reason = f"non-finite loss {loss} or grad_norm {grad_norm}"
+        self.metrics_log.log(self.step, "skipped", {"reason": reason, "bad_steps": bad_steps})
+        if bad_steps >= limit:
+            self.metrics_log.flush()
+            raise UserError(
+                f"stopping at step {self.step}: {bad_steps} optimizer steps in a row had a non-finite loss "
+                f"or gradient norm (last: loss {loss}, grad_norm {grad_norm}), so the run has diverged and "
+                f"nothing was exported; expected finite values: lower lr ({self.config.lr}) or set "
+                "max_grad_norm, then resume from the last checkpoint (allow_config_change) or start over"
+            )
+        return bad_steps
+
+    def _step_or_explain(self, bins: list[np.ndarray]) -> dict[str, float]:
+        """Runs ``_train_step``; across ranks a failure names the step and rank and points at the peers."""
+        try:
+            return self._train_step(bins)
+        except RuntimeError as err:
+            if self.world_size == 1:
+                raise
+            raise RuntimeError(
+                f"training step {self.step + 1} failed on rank {self.rank} of {self.world_size}: when "
+                "another rank crashed, was killed or stalled past the process-group timeout, its own error "
+                f"is the cause ({err})"
+            ) from err
+
+    def _train_step(self, bins: list[np.ndarray]) -> dict[str, float]:
+        """One optimizer step over ``bins`` (all ranks'); returns the step's metrics."""
+        start = time.perf_counter()
+        fwd, split = self.forward, self.train_split
+        step_pairs = sum(len(b) for b in bins)
+        step_tokens = sum(int(split.tokens[b].sum()) for b in bins)
+        sums = torch.zeros(len(fwd.metric_names), device=self.device)
+        local_pairs = 0
+        plan = fwd.shard(bins, split.tokens)
+        for k, (b, real) in enumerate(plan):
+            with gradient_sync(self.model, enabled=k == len(plan) - 1):
+                batch = fwd.batch(split, b)
+                out = fwd.loss(batch, reference_inputs(fwd, self.reference, self.ref_model, split, b, batch))
+                # Weighting each micro-batch mean by its share of the step's pairs makes the accumulated
+                # gradient that of the mean over all pairs of the step, however they were binned; the
+                # world_size factor undoes DDP's and FSDP2's averaging over ranks.
+                share = batch.num_pairs * self.world_size / step_pairs if real else 0.0
+                (out.loss * share).backward()
+            if real:
+                sums += fwd.pair_sums(out, batch.num_pairs)
+                local_pairs += batch.num_pairs
+        metrics = fwd.global_means(sums, local_pairs)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
+        metrics["grad_norm"] = float(grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        # The loss and the norm are global (reduced over ranks), so every rank makes the same choice. A
+        # skipped step still advances the schedule: the LR stays a function of the step.
+        if _applied(metrics):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`", UserWarning)
+                self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.num_tokens += step_tokens
+        elapsed = time.perf_counter() - start
+        metrics.update(
+            learning_rate=lr,
+            num_tokens=float(self.num_tokens),
+            tokens_per_second=step_tokens / elapsed,
+        )
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Metrics (``METRIC_NAMES``; unpaired data: ``KTO_METRIC_NAMES``) over every held-out pair, in eval
+        mode and without gradients."""
+        if self.eval_split is None:
+            raise ValueError("evaluate: no eval pairs; set eval_data, eval_split or eval_fraction")
+        fwd, split = self.forward, self.eval_split
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(len(fwd.metric_names), device=self.device)
+        local_pairs = 0
+        for b, real in fwd.shard(self.eval_bins, split.tokens):
+            batch = fwd.batch(split, b)
+            out = fwd.loss(batch, reference_inputs(fwd, self.reference, self.ref_model, split, b, batch))
+            if real:
+                sums += fwd.pair_sums(out, batch.num_pairs)
+                local_pairs += batch.num_pairs
+        fwd.release(self.model)
+        self.model.train(was_training)
+        return fwd.global_means(sums, local_pairs)
+
+    def _log_eval(self) -> dict[str, float]:
+        metrics = self.evaluate()
+        self.metrics_log.log(self.step, "eval", metrics)
+        shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in self.forward.shown if k in metrics)
+        logger.info("step %d eval: %s", self.step, shown)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _plan_identity(self) -> dict[str, Any]:
+        return {**{k: getattr(self.config, k) for k in _PLAN_KEYS}, "data": self.train_split.digest}
+
+    def save(self) -> Path:
+        """Writes an atomic checkpoint of the current step into ``output_dir``; every rank calls it.
+
+        Under fsdp2 every rank writes its shards (``save_sharded``); otherwise rank 0 writes the whole
+        state (``save_checkpoint``) while the others wait for it. Non-finite weights are refused.
+        """
+        data_state = {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch}
+        extra = {
+            "plan": self._plan_identity(),
+            "num_tokens": self.num_tokens,
+            "config": self.config.to_dict(),
+        }
+        return self.checkpoints.save(self.step, data_state, extra)
+
+    def _resume_latest(self) -> None:
+        """Restores the newest valid checkpoint in ``output_dir``, if there is one (same on every rank).
+
+        Options that differ from the checkpoint's run are refused, or with ``allow_config_change`` applied
+        from here on: the LR schedule is rebuilt from the new ``lr``, warmup and run length.
+        """
+        restored = self.checkpoints.restore_latest()
+        if restored is None:
+            return
+        path, state = restored
+        changed = check_resume(path, state["extra"] or {}, self.config, self._plan_identity())
+        self.step = state["step"]
+        self.epoch = state["data_state"]["epoch"]
+        self.step_in_epoch = state["data_state"]["step_in_epoch"]
+        self.num_tokens = state["extra"]["num_tokens"]
+        if changed:
+            cfg = self.config
+            for group, decay in zip(self.optimizer.param_groups, (cfg.weight_decay, 0.0), strict=True):
+                group.update(initial_lr=cfg.lr, weight_decay=decay)
+            self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, last_step=self.step)
+            self.checkpoints.scheduler = self.scheduler
+        logger.info("resumed from %s at step %d", path, self.step)
+
+    def _export(self, out_dir: Path) -> None:
+        """Writes the trained model and tokenizer as a ``from_pretrained`` folder; every rank calls it."""
+        ckpt = None
+        if self.config.strategy == "fsdp2":
+            ckpt = self.checkpoints.sharded_at(self.step) or self.save()
+        self.checkpoints.export(out_dir, self.tokenizer, ckpt)
+
+
+def _applied(metrics: dict[str, float]) -> bool:
+    """Whether a step's update is applied: its loss and gradient norm are finite."""
+    return math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+
+
+def train(config: TrainConfig) -> dict[str, dict[str, float]]:
+    """Runs ``fastdpo train``: ``Trainer(config).train()``.
+
+    Raises:
+        SystemExit: With status 130 (SIGINT) or 143 (SIGTERM) when a signal stopped the run; its
+            checkpoint was written first.
+    """
+    trainer = Trainer(config)
+    result = trainer.train()
+    if trainer.stopped_by is not None:
+        raise SystemExit(128 + trainer.stopped_by)
+    return result

@@ -1,0 +1,352 @@
+"""FastKTOTrainer against TRL 1.16's stock KTOTrainer on one batch: loss, every gradient, every metric.
+
+Built like ``test_trl_integration.py`` (whose helpers it reuses): a tiny random LlamaForCausalLM, a
+WordLevel tokenizer and an in-memory unpaired dataset (prompt / completion / label); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+import test_trl_integration  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from test_trl_integration import (  # noqa: E402
+    BATCH,
+    WORDS,
+    _assert_same,
+    _model,
+    _one_batch,
+    _states,
+    _tokenizer,
+)
+from trl import KTOConfig, KTOTrainer  # noqa: E402
+
+import fastdpo.ops.kto_loss as kto_ops  # noqa: E402
+from fastdpo.integrations.trl import FastKTOTrainer  # noqa: E402
+
+# The fixture that makes TRL's own head fail, so the fast trainer's numbers provably come from fastdpo.
+no_trl_head = test_trl_integration.no_trl_head
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
+
+# Loss types, the weights, gradient checkpointing and bf16 autocast, each on one trainer configuration.
+CASES = {
+    "kto": {},
+    "apo_zero_unpaired": {"loss_type": "apo_zero_unpaired"},
+    "weights": {"desirable_weight": 1.33, "undesirable_weight": 0.75, "beta": 0.3},
+    "gradient_checkpointing": {"gradient_checkpointing": True},
+}
+
+
+@pytest.fixture(autouse=True)
+def _setup(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.delenv("FASTDPO_BACKEND", raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _kto_states() -> tuple[dict, dict]:
+    """Random (policy, reference) weights whose KL estimate is positive, so the clamp never hides it.
+
+    A sharper reference head (logits x10) gives random completions lower log-probs than the policy does.
+    """
+    policy, reference = _states()
+    reference["lm_head.weight"] = 10 * reference["lm_head.weight"]
+    return policy, reference
+
+
+def _dataset(rows: int = 8, seed: int = 0) -> Dataset:
+    """Unpaired rows of varied lengths; labels mixed within every batch of ``BATCH``."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(n: int) -> str:
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g))
+
+    return Dataset.from_list(
+        [
+            {"prompt": text(2 + i % 3), "completion": " " + text(1 + (3 * i) % 5), "label": i % 3 != 1}
+            for i in range(rows)
+        ]
+    )
+
+
+def _args(tmp_path: Path, **overrides) -> KTOConfig:
+    settings = {
+        "output_dir": str(tmp_path),
+        "report_to": [],
+        "use_cpu": True,
+        "bf16": False,
+        "per_device_train_batch_size": BATCH,
+        "gradient_checkpointing": False,
+        "save_strategy": "no",
+        "disable_tqdm": True,
+        **overrides,
+    }
+    return KTOConfig(**settings)
+
+
+def _run(
+    cls, tmp_path: Path, policy: dict, reference: dict | None, *, dataset=None, peft_config=None, **settings
+):
+    trainer = cls(
+        model=_model(policy),
+        ref_model=None if reference is None else _model(reference),
+        args=_args(tmp_path, **settings),
+        train_dataset=dataset if dataset is not None else _dataset(),
+        processing_class=_tokenizer(),
+        peft_config=peft_config,
+    )
+    return trainer, _one_batch(trainer)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_stock_trainer(case: str, tmp_path: Path, no_trl_head) -> None:
+    policy, reference = _kto_states()
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference, **CASES[case])
+    no_trl_head()
+    _, fast = _run(FastKTOTrainer, tmp_path, policy, reference, **CASES[case])
+    _assert_same(stock, fast)
+    if case != "apo_zero_unpaired":
+        assert fast[2]["kl"] > 0  # the KL term is live, not clamped away
+    assert {"rewards/margins", "logits/chosen", "entropy"} <= set(fast[2])
+
+
+def test_single_label_batch(tmp_path: Path, no_trl_head) -> None:
+    policy, reference = _kto_states()
+    dataset = _dataset().map(lambda row: {"label": True})
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference, dataset=dataset)
+    no_trl_head()
+    _, fast = _run(FastKTOTrainer, tmp_path, policy, reference, dataset=dataset)
+    _assert_same(stock, fast)
+    assert "rewards/rejected" not in fast[2] and "rewards/chosen" in fast[2]
+
+
+def test_bf16_autocast(tmp_path: Path, no_trl_head) -> None:
+    """Under bf16 autocast, fast and stock differ by at most twice stock's own bf16 error (against fp32)."""
+    policy, reference = _kto_states()
+    _, fp32 = _run(KTOTrainer, tmp_path, policy, reference)
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference, bf16=True)
+    no_trl_head()
+    _, fast = _run(FastKTOTrainer, tmp_path, policy, reference, bf16=True)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    own = max(rel(stock[1][n], g) for n, g in fp32[1].items())
+    assert own > 0  # autocast changed stock's numbers, so the comparison below can fail
+    assert set(fast[1]) == set(stock[1])
+    for name, g in stock[1].items():
+        assert fast[1][name].dtype == torch.float32, name
+        assert rel(fast[1][name], g) <= 2 * own, name
+    assert abs(float(fast[0] - stock[0])) <= 2 * abs(float(stock[0] - fp32[0])) + 1e-7
+    assert set(fast[2]) == set(stock[2])
+    for key, value in stock[2].items():
+        assert abs(fast[2][key] - value) <= 2 * abs(value - fp32[2][key]) + 1e-6 * abs(value) + 1e-7, key
+
+
+def test_precomputed_reference_matches_inline_reference(tmp_path: Path, no_trl_head) -> None:
+    policy, reference = _kto_states()
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference)
+    no_trl_head()
+    trainer, fast = _run(FastKTOTrainer, tmp_path, policy, reference, precompute_ref_log_probs=True)
+    assert {"ref_logps", "ref_KL_logps"} <= set(trainer.train_dataset.column_names)
+    _assert_same(stock, fast)
+
+
+def test_lora_reference_is_adapter_disabled(tmp_path: Path, no_trl_head) -> None:
+    peft = pytest.importorskip("peft")
+    policy, _ = _states()
+    # Random (not zero) B matrices, so the adapted policy differs from its adapter-free reference.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    runs = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        trainer, run = _run(cls, tmp_path, policy, None, peft_config=lora)
+        assert trainer.ref_model is None
+        runs.append(run)
+    assert all("lora" in name for name in runs[1][1])
+    assert abs(runs[1][2]["rewards/chosen"]) > 1e-4
+    _assert_same(*runs)
+
+
+def test_without_logit_metrics(tmp_path: Path) -> None:
+    policy, reference = _kto_states()
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference)
+    trainer = FastKTOTrainer(
+        model=_model(policy),
+        ref_model=_model(reference),
+        args=_args(tmp_path),
+        train_dataset=_dataset(),
+        processing_class=_tokenizer(),
+        logit_metrics=False,
+    )
+    fast = _one_batch(trainer)
+    dropped = {"entropy", "logits/chosen", "logits/rejected"}
+    assert set(stock[2]) - set(fast[2]) == dropped
+    for key in dropped:
+        stock[2].pop(key)
+    _assert_same(stock, fast)
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"), [({"backend": "cuda"}, "backend must be"), ({"impl": "naive"}, "impl must be")]
+)
+def test_rejects_unsupported_settings(tmp_path: Path, extra: dict, match: str) -> None:
+    policy, reference = _kto_states()
+    with pytest.raises(ValueError, match=match):
+        FastKTOTrainer(
+            model=_model(policy),
+            ref_model=_model(reference),
+            args=_args(tmp_path),
+            train_dataset=_dataset(),
+            processing_class=_tokenizer(),
+            **extra,
+        )
+
+
+def test_triton_backend_under_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_trl_head
+) -> None:
+    if not os.path.exists("/dev/nvidiactl"):
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    policy, reference = _kto_states()
+    _, stock = _run(KTOTrainer, tmp_path, policy, reference)
+    no_trl_head()
+    monkeypatch.setenv("FASTDPO_BACKEND", "triton")
+    calls = []
+    kernel = kto_ops.kto_loss_triton
+    monkeypatch.setattr(kto_ops, "kto_loss_triton", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    _, fast = _run(FastKTOTrainer, tmp_path, policy, reference)
+    assert calls  # the KTO loss kernel ran
+    _assert_same(stock, fast)
+
+
+def test_version_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import trl
+
+    monkeypatch.setattr(trl, "__version__", "1.17.0")
+    policy, reference = _kto_states()
+    with pytest.raises(RuntimeError, match=r"supports trl >=1\.16,<1\.17.*trl 1\.17\.0 is installed"):
+        FastKTOTrainer(
+            model=_model(policy),
+            ref_model=_model(reference),
+            args=_args(tmp_path),
+            train_dataset=_dataset(),
+            processing_class=_tokenizer(),
+        )
+
+
+def test_train_two_steps_and_evaluate(tmp_path: Path, no_trl_head) -> None:
+    no_trl_head()
+    policy, reference = _kto_states()
+    model = _model(policy)
+    trainer = FastKTOTrainer(
+        model=model,
+        ref_model=_model(reference),
+        args=_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2),
+        train_dataset=_dataset(),
+        eval_dataset=_dataset(rows=4, seed=1),
+        processing_class=_tokenizer(),
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and {"kl", "rewards/chosen", "logps/rejected"} <= set(entry)
+    assert not torch.equal(model.lm_head.weight.detach(), policy["lm_head.weight"])
+    evaluation = trainer.evaluate()
+    assert math.isfinite(evaluation["eval_loss"]) and "eval_kl" in evaluation
+
+
+_DDP_WORKER = r"""
+import json, sys, tempfile, warnings
+warnings.filterwarnings("ignore")
+import torch, torch.distributed as dist
+from transformers import LlamaForCausalLM, TrainerCallback
+from trl import KTOConfig, KTOTrainer
+sys.path.insert(0, sys.argv[2])
+from test_trl_integration import _llama_config, _tokenizer
+from test_kto_trl import _dataset, _kto_states
+from fastdpo.integrations.trl import FastKTOTrainer
+
+torch.manual_seed(0)
+policy, reference = _kto_states()
+
+
+class Grads(TrainerCallback):
+    # The all-reduced gradient right before the optimizer step, and its spread across ranks.
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        every = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+        dist.all_gather(every, flat)
+        self.spread = max((e - flat).abs().max().item() for e in every) / flat.abs().max().item()
+        self.flat = flat
+
+
+class Unwrapped(FastKTOTrainer):
+    # The loss run on the unwrapped module, outside DDP's forward: gradients are not all-reduced.
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(self.accelerator.unwrap_model(model), inputs, return_outputs)
+
+
+result = {}
+for name, cls in [("stock", KTOTrainer), ("fast", FastKTOTrainer), ("unwrapped", Unwrapped)]:
+    model, ref = LlamaForCausalLM(_llama_config()), LlamaForCausalLM(_llama_config())
+    model.load_state_dict(policy)
+    ref.load_state_dict(reference)
+    grads = Grads()
+    args = KTOConfig(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=True, bf16=False,
+                     per_device_train_batch_size=2, gradient_checkpointing=False, max_steps=1,
+                     save_strategy="no", ddp_backend="gloo", disable_tqdm=True, logging_steps=1)
+    trainer = cls(model=model, ref_model=ref, args=args, train_dataset=_dataset(),
+                  processing_class=_tokenizer(), callbacks=[grads])
+    trainer.train()
+    loss = [e for e in trainer.state.log_history if "loss" in e][0]
+    result[name] = {"spread": grads.spread, "flat": grads.flat, "loss": loss["loss"], "kl": loss["kl"]}
+if dist.get_rank() == 0:
+    stock, fast = result["stock"]["flat"], result["fast"]["flat"]
+    out = {name: {k: v for k, v in r.items() if k != "flat"} for name, r in result.items()}
+    out["fast_vs_stock"] = ((fast - stock).abs().max() / stock.abs().max()).item()
+    with open(sys.argv[1], "w") as f:
+        json.dump(out, f)
+"""
+
+
+def test_ddp_matches_stock_and_keeps_gradient_sync(tmp_path: Path) -> None:
+    """Two gloo ranks with different data: the all-reduced gradients, the loss and the (gathered) KL term
+    equal stock KTOTrainer's, and agree across ranks. The ``unwrapped`` control must disagree."""
+    worker = tmp_path / "ddp_worker.py"
+    worker.write_text(_DDP_WORKER)
+    out = tmp_path / "result.json"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "0"}
+    env.pop("FASTDPO_BACKEND", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run(
+        [*cmd, str(worker), str(out), str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["fast"]["spread"] < 1e-6 and result["stock"]["spread"] < 1e-6
+    assert result["unwrapped"]["spread"] > 1e-3
+    assert result["fast_vs_stock"] < 1e-5
+    assert result["fast"]["kl"] > 0
+    assert math.isclose(result["fast"]["kl"], result["stock"]["kl"], rel_tol=1e-5)
+    assert math.isclose(result["fast"]["loss"], result["stock"]["loss"], rel_tol=1e-5)
