@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 
+from fake_cuda import fake_cuda
+
 REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 MAX_CTAS_PER_SM = 32
@@ -207,72 +209,6 @@ class _Pointer:
         return self._ptr
 
 
-def _meta_like(x):
-    import torch
-
-    if not isinstance(x, torch.Tensor):
-        return x
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="meta")
-
-
-def _fake_index(tensor, index):
-    """``tensor[index]`` for a fake CUDA tensor: CPU-only torch refuses Python indexing on CUDA devices, so
-    the view's geometry comes from a meta twin and is applied with ``as_strided`` (a copy for tensor
-    indices; values never matter here)."""
-    import torch
-
-    idx = index if isinstance(index, tuple) else (index,)
-    meta = _meta_like(tensor)[tuple(_meta_like(i) for i in idx)]
-    if any(isinstance(i, torch.Tensor) for i in idx):
-        return torch.empty(meta.shape, dtype=tensor.dtype, device=tensor.device)
-    return torch.as_strided(
-        tensor, meta.shape, meta.stride(), tensor.storage_offset() + meta.storage_offset()
-    )
-
-
-def _cuda_fallback(func, args, kwargs):
-    """Runs ``func`` on meta twins when CPU-only torch refuses it on fake CUDA tensors (its device guard);
-    in-place and ``out=`` ops return their target, others fresh fake CUDA tensors of the meta result's
-    geometry."""
-    import torch
-    from torch.utils._pytree import tree_map
-
-    result = func(*tree_map(_meta_like, args), **tree_map(_meta_like, kwargs))
-    if kwargs.get("out") is not None:
-        return kwargs["out"]
-    if getattr(func, "__name__", "").endswith("_") and args and isinstance(args[0], torch.Tensor):
-        return args[0]
-
-    def to_cuda(x):
-        if not isinstance(x, torch.Tensor):
-            return x
-        return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device="cuda")
-
-    return tree_map(to_cuda, result)
-
-
-def _indexing_mode():
-    import torch
-    from torch.overrides import TorchFunctionMode
-
-    class FakeCuda(TorchFunctionMode):
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func is torch.Tensor.__getitem__:
-                return _fake_index(*args)
-            if func is torch.Tensor.__setitem__:
-                _fake_index(args[0], args[1])  # checks the index; a fake tensor has no values to set
-                return None
-            try:
-                return func(*args, **kwargs)
-            except RuntimeError as e:
-                if "not linked with support for cuda" not in str(e):
-                    raise
-                return _cuda_fallback(func, args, kwargs)
-
-    return FakeCuda()
-
-
 def _ops_modules() -> list:
     import fastdpo.ops
 
@@ -318,6 +254,8 @@ class Capture:
         options, signature, constexprs, attrs = fn._pack_args(
             self.backend, kwargs, bound, specialization, options
         )
+        if warmup:  # a compile-only call (e.g. to read the occupancy); the launch that follows is captured
+            return None
         grid = grid(bound) if callable(grid) else grid
         grid = tuple(int(g) for g in grid) + (1,) * (3 - len(grid))
         self.launches.append(
@@ -330,7 +268,6 @@ class Capture:
     def active(self) -> Iterator[None]:
         """Patches launches, the launchers' SM count and autotune timing; builds tensors as fake CUDA ones."""
         import triton.testing
-        from torch._subclasses.fake_tensor import FakeTensorMode
         from triton.runtime.jit import JITFunction
 
         if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -351,17 +288,15 @@ class Capture:
             stack.enter_context(_patched(JITFunction, "run", run))
             stack.enter_context(_patched(triton.testing, "do_bench", fake_bench))
             for module in _ops_modules():
-                for name in ("num_sms", "_num_sms"):
-                    if callable(getattr(module, name, None)):
-                        stack.enter_context(_patched(module, name, lambda *a, **k: self.sms))
+                if callable(getattr(module, "num_sms", None)):
+                    stack.enter_context(_patched(module, "num_sms", lambda device: self.sms))
                 if callable(getattr(module, "do_bench", None)):
                     stack.enter_context(_patched(module, "do_bench", fake_bench))
                 # Autotune caches are per process; a second arch must see every candidate again.
                 for name, value in vars(module).items():
                     if "autotune" in name.lower() and isinstance(value, dict):
                         value.clear()
-            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
-            stack.enter_context(_indexing_mode())
+            stack.enter_context(fake_cuda())
             yield
 
     def record(self, shape: str, variant: str, call: Callable[[], object]) -> None:

@@ -9,6 +9,11 @@ copy of the batch (the first tokens of every sequence).
   liger     Liger-Kernel's LigerFusedLinearDPOLoss (use_ref_model=True)
   fastdpo   fastdpo.FusedLinearDPOLoss (reference hidden states scored inside the same call)
 
+``--stats`` times instead what TRL's logit statistics (entropy, mean logit, label is argmax) cost
+fastdpo's DPO loss: its forward with and without ``stats=True`` (the same pass over the vocabulary), and
+one loss step (forward + backward) with them against the step without them plus the second, no-grad
+lm_head product that FastDPOTrainer ran for them before (reconstructed in ``_old_extra_pass``).
+
 ``--loss kto`` times TRL 1.16's KTO loss instead: the 2B rows are unpaired sequences, even rows desirable,
 with a fixed KL term (TRL estimates it from a separate no-grad pass, outside this step). Its providers are
 naive and trl (the same log-probs, then TRL's KTO formula), liger (LigerFusedLinearKTOLoss, use_ref_model)
@@ -16,12 +21,15 @@ and fastdpo (fastdpo.FusedLinearKTOLoss).
 
 GPU:  python benchmarks/bench_loss.py --csv out/loss.csv        (B=4 pairs x 4096 tokens, Llama-3-8B head)
       python benchmarks/bench_loss.py --loss kto --csv out/loss_kto.csv   (8 sequences x 4096 tokens)
-CPU:  python benchmarks/bench_loss.py [--loss kto]              (reduced mode)
+      python benchmarks/bench_loss.py --stats --csv out/loss_stats.csv
+CPU:  python benchmarks/bench_loss.py [--loss kto | --stats]     (reduced mode)
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
@@ -163,6 +171,73 @@ def bench_one(name, pairs, seq, d, v, dtype, device, reps, loss="dpo") -> dict:
     return row
 
 
+def _old_extra_pass(h, w, labels):
+    """FastDPOTrainer's former statistics: a no-grad lm_head product over the scored tokens, 2**24 logits
+    at a time, then entropy, mean logit and argmax per token (its ``_logit_statistics``, reconstructed)."""
+    with torch.no_grad():
+        mask = labels != -100
+        hidden, targets = h.detach()[mask], labels[mask]
+        rows = max(1, 2**24 // w.shape[0])
+        for start in range(0, hidden.shape[0], rows):
+            z = (hidden[start : start + rows] @ w.T).float()
+            _ = torch.logsumexp(z, -1) - (torch.softmax(z, -1) * z).sum(-1)
+            _ = z.mean(-1), z.argmax(-1) == targets[start : start + rows]
+
+
+def _interleaved_ms(fns: dict[str, Callable], device: str, reps: int) -> dict[str, float]:
+    """Median ms of each of ``fns``, run in turn ``reps`` times (after one warm-up), so that load changes
+    hit all alike. On the CPU it is the process's CPU time, which other processes on a shared machine
+    inflate far less than wall time."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for i in range(reps + 1):
+        for name, fn in fns.items():
+            if device == "cuda":
+                elapsed = median_ms(fn, device, 1)
+            else:
+                start = time.process_time()
+                fn()
+                elapsed = (time.process_time() - start) * 1e3
+            if i:
+                times[name].append(elapsed)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_stats(pairs, seq, d, v, dtype, device, reps) -> dict:
+    """Forward and step times of fastdpo's DPO loss with and without its statistics; see the docstring."""
+    from fastdpo import FusedLinearDPOLoss
+
+    h, rh, w, labels = _batch(pairs, seq, d, v, dtype, device)
+    plain, with_stats = FusedLinearDPOLoss(beta=BETA), FusedLinearDPOLoss(beta=BETA, stats=True)
+
+    def forward(loss):
+        with torch.no_grad():
+            loss(h, w, labels, ref_hidden=rh)
+
+    def step(loss, extra=False):
+        h.grad = None
+        w.grad = None
+        loss(h, w, labels, ref_hidden=rh).loss.backward()
+        if extra:
+            _old_extra_pass(h, w, labels)
+
+    ms = _interleaved_ms(
+        {
+            "fwd_ms": lambda: forward(plain),
+            "fwd_stats_ms": lambda: forward(with_stats),
+            "step_ms": lambda: step(plain),
+            "step_stats_ms": lambda: step(with_stats),
+            "step_old_extra_pass_ms": lambda: step(plain, extra=True),
+        },
+        device,
+        reps,
+    )
+    row = dict(provider="fastdpo", pairs=pairs, seq=seq, hidden=d, vocab=v, dtype=str(dtype)[6:])
+    row.update({k: round(x, 2) for k, x in ms.items()})
+    row["stats_fwd_overhead_pct"] = round(100 * (ms["fwd_stats_ms"] / ms["fwd_ms"] - 1), 1)
+    row["step_saved_ms"] = round(ms["step_old_extra_pass_ms"] - ms["step_stats_ms"], 2)
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=None, help="B (default 4 on GPU, 2 on CPU)")
@@ -171,6 +246,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--vocab", type=int, default=None, help="V (default 128256 on GPU)")
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--loss", default="dpo", choices=["dpo", "kto"], help="sigmoid DPO, or KTO on 2B rows")
+    p.add_argument("--stats", action="store_true", help="time the logit statistics instead (see above)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--csv", help="write the rows as CSV here")
@@ -186,7 +262,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not gpu:
         print("CPU reduced mode: small shapes, fp32, torch backend; GPU numbers need a GPU.")
         dtype = torch.float32
-        args.reps = min(args.reps, 3)
+        args.reps = min(args.reps, 3) if not args.stats else args.reps
+    if args.stats:
+        rows = [bench_stats(pairs, seq, d, v, dtype, device, args.reps)]
+        print(format_row(rows[0]), flush=True)
+        write_csv(args.csv, rows)
+        return rows
     wanted = parse_providers(p, args.providers, PROVIDERS)
     rows = []
     for name in wanted:

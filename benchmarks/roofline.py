@@ -99,15 +99,21 @@ class L2:
 
 
 def _grouped_pid(pid: int, num_m: int, num_v: int, group_m: int) -> tuple[int, int]:
-    """The backward's program order, as ``_grouped_pid`` in ``kernels/linear_logprobs.py``."""
+    """(token block, vocab block or split): the program order of ``_grouped_pid`` in
+    ``kernels/linear_logprobs.py``, which both fused kernels use."""
     in_group = group_m * num_v
     first_m = (pid // in_group) * group_m
     size_m = min(num_m - first_m, group_m)
     return first_m + (pid % in_group) % size_m, (pid % in_group) // size_m
 
 
-def fused_costs(shape: Shape, gpu: GPU, ctas_per_sm: int) -> dict[str, Cost]:
-    """The fused kernels' modeled costs: the forward and the backward (dH and dW)."""
+def fused_costs(
+    shape: Shape, gpu: GPU, ctas_per_sm: int, fwd_splits: int | None = None, group_m: int | None = None
+) -> dict[str, Cost]:
+    """The fused kernels' modeled costs: the forward and the backward (dH and dW).
+
+    ``fwd_splits`` and ``group_m`` (both kernels) replace the launchers' choices, to model a change.
+    """
     import torch
 
     from fastdpo.ops import _head_triton as launch
@@ -120,7 +126,7 @@ def fused_costs(shape: Shape, gpu: GPU, ctas_per_sm: int) -> dict[str, Cost]:
     cfg = launch.FWD_CONFIG
     old, launch.num_sms = launch.num_sms, lambda device: gpu.sms
     try:
-        splits = launch.vocab_splits(n, v, cfg, torch.device("cuda"))
+        splits = fwd_splits or launch.vocab_splits(n, v, cfg, torch.device("cuda"), ctas=ctas_per_sm)
     finally:
         launch.num_sms = old
     v_per_split = math.ceil(math.ceil(v / splits) / cfg.block_v) * cfg.block_v
@@ -128,7 +134,7 @@ def fused_costs(shape: Shape, gpu: GPU, ctas_per_sm: int) -> dict[str, Cost]:
     num_m = math.ceil(n / cfg.block_m)
     tiles_per_split = math.ceil(v_per_split / cfg.block_v)
     cache = L2(l2)
-    programs = [(pid // splits, pid % splits) for pid in range(num_m * splits)]
+    programs = [_grouped_pid(pid, num_m, splits, group_m or cfg.group_m) for pid in range(num_m * splits)]
     for w0 in range(0, len(programs), slots):
         wave = programs[w0 : w0 + slots]
         for k in range(tiles_per_split):
@@ -145,7 +151,8 @@ def fused_costs(shape: Shape, gpu: GPU, ctas_per_sm: int) -> dict[str, Cost]:
     atomic_read = 0.0
     for w0 in range(0, num_m * num_v, slots):
         wave = [
-            _grouped_pid(pid, num_m, num_v, cfg.group_m) for pid in range(w0, min(w0 + slots, num_m * num_v))
+            _grouped_pid(pid, num_m, num_v, group_m or cfg.group_m)
+            for pid in range(w0, min(w0 + slots, num_m * num_v))
         ]
         for m, vb in wave:  # the logits recompute
             cache.access(("h", m), h_tile)
@@ -207,7 +214,7 @@ def naive_costs(shape: Shape) -> dict[str, list[Cost]]:
     return {"fwd": fwd, "bwd": bwd}
 
 
-def model(shape: Shape, gpu: GPU, ctas_per_sm: int = 1) -> list[dict]:
+def model(shape: Shape, gpu: GPU, ctas_per_sm: int = 1, **what_if: int | None) -> list[dict]:
     """One row per (impl, phase) with modeled FLOPs, bytes and time, plus the floor."""
     if shape.dtype not in DTYPE_BYTES:
         raise ValueError(f"the model covers bf16/fp16 tensor-core math, got dtype {shape.dtype!r}")
@@ -221,7 +228,7 @@ def model(shape: Shape, gpu: GPU, ctas_per_sm: int = 1) -> list[dict]:
         dict(impl="floor", phase="fwd", tflop=2 * nvd / 1e12, hbm_gb=0.0, ms=1e3 * 2 * nvd / peak),
         dict(impl="floor", phase="bwd", tflop=6 * nvd / 1e12, hbm_gb=0.0, ms=1e3 * 6 * nvd / peak),
     ]
-    for phase, cost in fused_costs(shape, gpu, ctas_per_sm).items():
+    for phase, cost in fused_costs(shape, gpu, ctas_per_sm, **what_if).items():
         hbm_gb, atomic_gb = (cost.bytes + cost.atomic_bytes) / 1e9, cost.atomic_bytes / 1e9
         rows.append(dict(impl="fused", phase=phase, tflop=cost.flops / 1e12, hbm_gb=hbm_gb,
                          atomic_gb=atomic_gb, ms=cost.time_ms(gpu)))  # fmt: skip
@@ -297,6 +304,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
     p.add_argument("--ctas-per-sm", type=int, default=1, help="fused kernels' occupancy (static_report.py)")
     p.add_argument("--csv", help="a bench_logprobs.py CSV: print measured beside modeled")
+    p.add_argument("--fwd-splits", type=int, help="what-if: the fused forward's vocab splits")
+    p.add_argument("--group-m", type=int, help="what-if: the fused kernels' GROUP_M")
     args = p.parse_args(argv)
     if args.custom:
         try:
@@ -308,7 +317,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = next(s for s in DEFAULT_SHAPES if s.name == args.shape)
         shape = Shape(base.name, base.n, base.d, base.v, args.dtype, base.softcap)
     gpu = GPUS[args.gpu]
-    rows = model(shape, gpu, args.ctas_per_sm)
+    rows = model(shape, gpu, args.ctas_per_sm, fwd_splits=args.fwd_splits, group_m=args.group_m)
+    if args.fwd_splits or args.group_m:
+        print(f"what-if: fused forward splits {args.fwd_splits or 'as launched'}, "
+              f"GROUP_M {args.group_m or 'as launched'}")  # fmt: skip
     print_table(rows, shape, gpu, measured(args.csv, shape) if args.csv else None)
     return rows
 

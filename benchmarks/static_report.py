@@ -28,7 +28,7 @@ from aot import ARCHS, DEFAULT_SHAPES, Report, Shape, capture_launches, compile_
 # The exit status when the triton wheel ships no ptxas (the gate test skips on it, and only on it).
 NO_PTXAS_EXIT = 3
 _COLUMNS = [
-    ("variant", 26), ("kernel", 22), ("config", 40), ("arch", 5), ("regs", 4), ("spill st/ld", 11),
+    ("variant", 27), ("kernel", 22), ("config", 52), ("arch", 5), ("regs", 4), ("spill st/ld", 11),
     ("stack", 5), ("smem KB", 7), ("CTA/SM", 6), ("grid", 12), ("waves", 6), ("mma", 8), ("atomics", 22),
     ("gate", 4),
 ]  # fmt: skip

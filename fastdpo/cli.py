@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument(
         "--workdir",
-        help="keep the SFT model, the pairs and the DPO run (final model in dpo/final) here "
+        help="keep the SFT model, the data and the run (final model in dpo/final or kto/final) here "
         "(default: a new runs/demo-<time>-<id> folder)",
     )
 
@@ -261,9 +261,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     argv = _join_negative_values(list(sys.argv[1:] if argv is None else argv))
     # An optional positional would swallow the value of a passed-through option (--reps 2), so a bare
-    # `fastdpo bench ...` gets its default name here instead.
-    if argv[:1] == ["bench"] and (len(argv) == 1 or argv[1] not in (*_BENCHMARKS, "all", "-h", "--help")):
-        argv.insert(1, "all")
+    # `fastdpo bench ...` gets its default name here instead (after any leading --debug).
+    at = next((i for i, arg in enumerate(argv) if arg != "--debug"), len(argv)) + 1
+    named = at < len(argv) and argv[at] in (*_BENCHMARKS, "all", "-h", "--help")
+    if argv[at - 1 : at] == ["bench"] and not named:
+        argv.insert(at, "all")
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "bench":
         args.command_parser.error(_unrecognized(args.command_parser, extra))
@@ -392,9 +394,14 @@ def _check_model_path(option: str, name: str) -> None:
         return  # a hub id, resolved (or not) by transformers
     if not path.is_dir():
         raise UserError(f"{option}: {name} is a file; expected a save_pretrained folder or a hub id")
-    wanted = "tokenizer_config.json" if option == "tokenizer" else "config.json"
-    if not (path / wanted).is_file():
-        raise UserError(f"{option}: {name} has no {wanted}; expected a save_pretrained folder")
+    # AutoTokenizer reads any of these; AutoModelForCausalLM needs config.json.
+    wanted = (
+        ("tokenizer_config.json", "tokenizer.json", "config.json")
+        if option == "tokenizer"
+        else ("config.json",)
+    )
+    if not any((path / file).is_file() for file in wanted):
+        raise UserError(f"{option}: {name} has no {' or '.join(wanted)}; expected a save_pretrained folder")
 
 
 def _check_writable_dir(option: str, name: str) -> None:

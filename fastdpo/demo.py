@@ -384,6 +384,9 @@ def run_demo(
     if loss not in DEMO_LOSSES:
         raise ValueError(f"loss: expected one of {list(DEMO_LOSSES)}, got {loss!r}")
     method = loss.upper()
+    # Made first, so that a folder that cannot be written fails before minutes of SFT.
+    root = Path(workdir) if workdir is not None else _new_run_dir()
+    root.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     rng = random.Random(seed)
     problems = [(a, b) for a in range(max_operand) for b in range(max_operand)]
@@ -419,9 +422,7 @@ def run_demo(
         if len(samples_before) == 3:
             break
 
-    root = Path(workdir) if workdir is not None else _new_run_dir()
     with _quiet_library_bars():
-        root.mkdir(parents=True, exist_ok=True)
         sft_model.save_pretrained(root / "sft")
         tokenizer.save_pretrained(root / "sft")
         if loss == "kto":

@@ -99,7 +99,8 @@ def _logits_tile(
     return z
 
 
-@triton.jit
+# The split layout is not specialized on, so that one compiled kernel serves every split count.
+@triton.jit(do_not_specialize=["V_PER_SPLIT", "NUM_SPLITS"])
 def _linear_logprobs_fwd_kernel(
     H,
     W,
@@ -126,17 +127,17 @@ def _linear_logprobs_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One program: BLOCK_M tokens against one vocab split, with an online log-sum-exp.
 
     Writes the split's partial results to ``PARTS[split, k, m]`` (``fastdpo.ops._head_common.Partials``
     order: lse, target logit or 0, then with HAS_STATS mean z, log sum p^2, sum z, max left of the
-    target, max); the launcher folds the splits. Splits of one token block are adjacent program ids, so
-    they run in the same wave and share its hidden tile in L2.
+    target, max); the launcher folds the splits. Programs run in groups of GROUP_M token blocks x all
+    splits, token block fastest: a wave holds about one group, so the hidden tiles it re-reads for every
+    vocab tile (GROUP_M of them) and the weight tiles its splits walk in step stay in L2.
     """
-    pid = tl.program_id(0)
-    pid_m = pid // NUM_SPLITS
-    pid_s = pid % NUM_SPLITS
+    pid_m, pid_s = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), NUM_SPLITS, GROUP_M)
     m0 = pid_m.to(tl.int64) * BLOCK_M
     rm = tl.arange(0, BLOCK_M)
     rv = tl.arange(0, BLOCK_V)
@@ -162,16 +163,15 @@ def _linear_logprobs_fwd_kernel(
             stride_hm, stride_hd, stride_wv, stride_wd, inv_temp, softcap,
             HAS_BIAS, HAS_SOFTCAP, IS_INTERPRETED, COMPUTE_DTYPE, DOT_PRECISION, BLOCK_M, BLOCK_V, BLOCK_D,
         )  # fmt: skip
-        if HAS_STATS:
-            z_in = tl.where(mask_v[None, :], z, 0.0)
-            sum_z += tl.sum(z_in, axis=1)
         z = tl.where(mask_v[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max[:, None])
         run_sum = run_sum * rescale + tl.sum(e, axis=1)
         if HAS_STATS:
-            sum_exp_z = sum_exp_z * rescale + tl.sum(e * z_in, axis=1)
+            # Masked columns hold z = -inf and e = 0: the sums over z leave them out explicitly.
+            sum_z += tl.sum(tl.where(mask_v[None, :], z, 0.0), axis=1)
+            sum_exp_z = sum_exp_z * rescale + tl.sum(tl.where(mask_v[None, :], e * z, 0.0), axis=1)
             sum_exp2 = sum_exp2 * rescale * rescale + tl.sum(e * e, axis=1)
             left = rv[None, :] < local[:, None]
             max_before = tl.maximum(max_before, tl.max(tl.where(left, z, float("-inf")), axis=1))

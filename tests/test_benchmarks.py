@@ -53,15 +53,15 @@ def test_roofline_model_and_measured_csv(tmp_path):
     path = tmp_path / "head.csv"
     path.write_text(
         "provider,tokens,hidden,vocab,fwd_ms,bwd_ms,fwd_bwd_ms\n"
-        "fastdpo-nofilter,1024,256,4096,1.0,2.0,3.0\nmm4,1024,256,4096,,,1.5\nnaive,999,256,4096,1,1,1\n"
+        "fastdpo-nofilter,4096,1024,32768,1.0,2.0,3.0\nmm4,4096,1024,32768,,,1.5\nnaive,999,1024,32768,1,1,1\n"
     )
-    text = _run("roofline.py", "--custom", "1024,256,4096", "--gpu", "a100", "--csv", str(path))
+    text = _run("roofline.py", "--custom", "4096,1024,32768", "--gpu", "a100", "--csv", str(path))
     lines = [x for x in text.splitlines() if x.startswith("| ")]
     table = {tuple(c.strip() for c in x.strip("|").split("|")[:2]): x for x in lines[1:]}
     assert {impl for impl, _ in table} == {"floor", "fused", "chunked", "trl", "naive"}
     assert "Modeled on A100" in text
     floor = float(table[("floor", "fwd+bwd")].split("|")[6])
-    assert abs(floor - 1e3 * 8 * 1024 * 256 * 4096 / 312e12) < 0.05
+    assert abs(floor - 1e3 * 8 * 4096 * 1024 * 32768 / 312e12) < 0.06
     assert "| 3.0 |" in table[("fused", "fwd+bwd")] and "not measured" in table[("naive", "fwd")]
 
 

@@ -159,6 +159,7 @@ def run_files(tmp_path, monkeypatch):
     (tmp_path / "model" / "config.json").write_text("{}")
     (tmp_path / "pairs.jsonl").write_text(json.dumps(addition_pairs([(1, 2)])[0]) + "\n")
     (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_dir").mkdir()
 
     def no_training(config):
         raise AssertionError("the checks before loading a model let a bad run through")
@@ -183,7 +184,10 @@ def run_files(tmp_path, monkeypatch):
         (["--model", "a_file"], "model: a_file is a file"),
         (["--model", "."], "model: . has no config.json"),
         (["--ref-model", "../missing", "--reference", "model"], "ref_model: ../missing: no such folder"),
-        (["--tokenizer", "model"], "tokenizer: model has no tokenizer_config.json"),
+        (
+            ["--tokenizer", "a_dir"],
+            "tokenizer: a_dir has no tokenizer_config.json or tokenizer.json or config.json",
+        ),
         (["--output-dir", "a_file/run"], "output_dir: cannot create or write the folder a_file/run"),
         (["--cache-dir", "a_file"], "cache_dir: cannot create or write the folder a_file"),
         (["--device", "cuda:x"], "device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
@@ -310,6 +314,9 @@ def test_bench_maps_shapes_and_delegates(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main(["bench", "loss", "--out", str(config)]) == 2
     assert "fastdpo bench: error: --out: cannot create or write the folder" in capsys.readouterr().err
+    calls.clear()
+    assert cli.main(["--debug", "bench", "--out", str(out), "--reps", "3"]) == 0
+    assert [name for name, _ in calls] == ["logprobs", "loss"] and calls[1][1][-2:] == ["--reps", "3"]
 
 
 def test_bench_runs_the_real_script(capsys, tmp_path):

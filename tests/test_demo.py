@@ -80,4 +80,5 @@ def test_cli_demo_delegates(monkeypatch):
     seen = {}
     monkeypatch.setattr("fastdpo.demo.run_demo", lambda **kw: seen.update(kw))
     assert cli.main(["demo", "--seed", "3", "--dpo-steps", "5"]) == 0
-    assert seen == {"seed": 3, "sft_steps": 1200, "dpo_steps": 5, "workdir": None}
+    assert seen == {"seed": 3, "sft_steps": 1200, "dpo_steps": 5, "workdir": None, "loss": "dpo"}
+    assert cli.main(["demo", "--loss", "kto"]) == 0 and seen["loss"] == "kto"

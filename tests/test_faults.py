@@ -29,7 +29,7 @@ from test_trainer import assets  # noqa: F401  (a fixture: tiny Llama, tokenizer
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "num_tokens")
 MAX_STEPS = 8
 KILL_SEEDS = 20
-DRIVER_TIMEOUT_S = 240
+DRIVER_TIMEOUT_S = 290
 
 
 # ---------------------------------------------------------------------- the driver (runs in a subprocess)
@@ -65,6 +65,17 @@ def _wait(pid: int) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
+def _until(ready, pid: int, what: str, timeout_s: float = 60.0) -> None:
+    """Polls ``ready()``; past ``timeout_s`` kills child ``pid`` and raises (a hang fails only its case)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _wait(pid)
+            raise TimeoutError(f"no {what} within {timeout_s} s")
+        time.sleep(0.005)
+
+
 def _cli(config: Path, *flags: str) -> int:
     from fastdpo.cli import main
 
@@ -72,13 +83,14 @@ def _cli(config: Path, *flags: str) -> int:
 
 
 def _slow_cli(config: Path) -> int:
-    """The command with every step 0.2 s longer, so that a signal lands mid-run (no effect on the math)."""
+    """The command with every step starting by a 0.5 s sleep, so that signals land inside a step (no effect
+    on the math)."""
     from fastdpo.train.loop import Trainer
 
     step = Trainer._train_step
 
     def slow_step(self, bins):
-        time.sleep(0.2)
+        time.sleep(0.5)
         return step(self, bins)
 
     Trainer._train_step = slow_step
@@ -128,6 +140,7 @@ def _resumed_step(config: Path) -> int:
 def _write_config(options: dict, name: str) -> Path:
     out = Path(options["output_dir"])
     path = out.parent / f"{out.name}-{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(options))
     return path
 
@@ -139,29 +152,35 @@ def _drive(case: str, options: dict) -> dict:
     if case == "run":
         result["codes"] = [_wait(_child(log, _cli, _write_config(options, "run")))]
     elif case == "kill9":
-        # One killed process per seed, at a uniform time over a whole run's duration (steps, checkpoint and
-        # pointer writes, the export), each resumed by the next; the last one runs to the end.
-        config = _write_config(options, "kill9")
+        # One process per seed, killed at a uniform time over a whole run's duration (steps, checkpoint and
+        # pointer writes, the export), resuming the previous one's run; a run that ends before its kill is
+        # complete, and the next seed starts a new one. The last run is then finished.
         start = time.monotonic()
-        assert _wait(_child(log, _cli, config)) == 0
+        assert (
+            _wait(_child(log, _cli, _write_config({**options, "output_dir": str(out / "timing")}, "0"))) == 0
+        )
         duration = time.monotonic() - start
-        shutil.rmtree(out)
-        result["kills"] = []
+        result["kills"], result["runs"] = [], [str(out / "run-0")]
         for seed in range(KILL_SEEDS):
+            config = _write_config({**options, "output_dir": result["runs"][-1]}, "kill9")
             pid = _child(log, _cli, config)
             time.sleep(random.Random(seed).uniform(0.0, duration))
             os.kill(pid, signal.SIGKILL)
             result["kills"].append(_wait(pid))
+            if result["kills"][-1] == 0:
+                result["runs"].append(str(out / f"run-{len(result['runs'])}"))
+        config = _write_config({**options, "output_dir": result["runs"][-1]}, "kill9")
         result["codes"] = [_wait(_child(log, _cli, config))]
     elif case in ("SIGTERM", "SIGINT", "SIGINT twice"):
         pid = _child(log, _slow_cli, _write_config(options, "signal"))
         metrics = out / "metrics.jsonl"
-        while not (metrics.is_file() and '"step": 2' in metrics.read_text()):
-            time.sleep(0.01)
+        _until(
+            lambda: metrics.is_file() and '"step": 2' in metrics.read_text(), pid, "step 2 in metrics.jsonl"
+        )
+        time.sleep(0.1)  # into step 3's sleep: the second SIGINT of "twice" comes well before it ends
         os.kill(pid, signal.SIGTERM if case == "SIGTERM" else signal.SIGINT)
         if case == "SIGINT twice":
-            while "SIGINT received" not in log.read_text():
-                time.sleep(0.005)
+            _until(lambda: "SIGINT received" in log.read_text(), pid, "warning of the first SIGINT")
             os.kill(pid, signal.SIGINT)
         result["codes"] = [_wait(pid)]
         result["checkpoints"] = sorted(p.name for p in out.glob("checkpoint-*"))
@@ -198,10 +217,10 @@ def _drive(case: str, options: dict) -> dict:
 # ---------------------------------------------------------------------- the tests (run by pytest)
 
 
-def _options(assets, out: Path, **overrides) -> dict:
+def _options(root: Path, out: Path, **overrides) -> dict:
     options = dict(
-        model=str(assets / "model"),
-        data=str(assets / "pairs.jsonl"),
+        model=str(root / "model"),
+        data=str(root / "pairs.jsonl"),
         output_dir=str(out),
         cache_dir=str(out.parent / "cache"),
         beta=0.3,
@@ -224,24 +243,35 @@ def _options(assets, out: Path, **overrides) -> dict:
     return {**options, **overrides}
 
 
-def _run_driver(case: str, options: dict) -> dict:
+def _run_driver(cases: dict[str, tuple[str, dict]]) -> dict[str, dict]:
+    """Runs ``{label: (case, options)}`` in one driver subprocess, one case after another."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONWARNINGS": "always",
     }
-    proc = subprocess.run(
-        [sys.executable, __file__, case, json.dumps(options)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=DRIVER_TIMEOUT_S,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, __file__, json.dumps(cases)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=DRIVER_TIMEOUT_S,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the fault driver ran past {DRIVER_TIMEOUT_S} s", pytrace=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["log_text"] = Path(result["log"]).read_text()
-    return result
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    for result in results.values():
+        result["log_text"] = Path(result["log"]).read_text() if Path(result["log"]).is_file() else ""
+    return results
+
+
+def _case(runs: dict, label: str) -> dict:
+    """The result of case ``label``; fails the test if the driver could not run the case."""
+    assert "error" not in runs[label], runs[label].get("error")
+    return runs[label]
 
 
 def _weights(out: Path) -> dict:
@@ -266,104 +296,126 @@ def _assert_same_run(out: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):  # noqa: F811
-    out = tmp_path_factory.mktemp("faults") / "reference"
-    result = _run_driver("run", _options(assets, out))
-    assert result["codes"] == [0], result["log_text"][-3000:]
-    assert [line[0] for line in _train_lines(out)] == list(range(1, MAX_STEPS + 1))
-    return out
+def runs(assets, tmp_path_factory):  # noqa: F811
+    """Every faulted run, and the reference, in one driver subprocess (startup is most of a case's time)."""
+    root = tmp_path_factory.mktemp("faults")
+    truncated = root / "truncated.jsonl"
+    rows = (assets / "pairs.jsonl").read_bytes().splitlines(keepends=True)
+    last = json.dumps(
+        {"prompt": "7 + 5 = ? é", "chosen": "12 ✓", "rejected": "13"}, ensure_ascii=False
+    ).encode()
+    truncated.write_bytes(b"".join(rows) + last[: last.index("✓".encode()) + 1])  # cut inside a character
+
+    def options(name: str, **overrides) -> dict:
+        return _options(assets, root / name, **overrides)
+
+    cases = {
+        "reference": ("run", options("reference")),
+        "kill9": ("kill9", options("kill9", save_every=1)),
+        "SIGTERM": ("SIGTERM", options("SIGTERM", save_every=0)),
+        "SIGINT": ("SIGINT", options("SIGINT", save_every=0)),
+        "SIGINT twice": ("SIGINT twice", options("twice", save_every=0)),
+        "corrupt": ("corrupt", options("corrupt", max_steps=3, save_every=1, keep_last=3)),
+        "truncated": ("run", options("truncated", data=str(truncated))),
+        "skip truncated": ("run", options("skipping", data=str(truncated), skip_invalid=True)),
+        "disk full": ("disk full", options("full")),
+        "lr inf": ("run", options("inf", lr="inf")),
+        "diverge": ("diverge", options("diverge", save_every=100)),
+    }
+    results = _run_driver(cases)
+    for label, (_, opts) in cases.items():
+        results[label]["out"] = Path(opts["output_dir"])
+    results["truncated"]["data"] = truncated
+    results["truncated"]["line"] = len(rows) + 1
+    reference = _case(results, "reference")
+    assert reference["codes"] == [0], reference["log_text"][-3000:]
+    assert [line[0] for line in _train_lines(reference["out"])] == list(range(1, MAX_STEPS + 1))
+    return results
 
 
-def test_kill_9_at_random_points_resumes_bitwise(assets, reference):  # noqa: F811
-    out = reference.parent / "kill9"
-    result = _run_driver("kill9", _options(assets, out, save_every=1))
+def test_kill_9_at_random_points_resumes_bitwise(runs):
+    result = _case(runs, "kill9")
     assert result["codes"] == [0], result["log_text"][-3000:]
     assert result["kills"].count(-signal.SIGKILL) >= KILL_SEEDS // 2, result["kills"]
-    _assert_same_run(out, reference)
+    for run in result["runs"]:
+        _assert_same_run(Path(run), _case(runs, "reference")["out"])
 
 
 @pytest.mark.parametrize(("case", "code"), [("SIGTERM", 143), ("SIGINT", 130)])
-def test_a_signal_saves_a_checkpoint_exits_with_its_code_and_the_run_resumes(assets, reference, case, code):  # noqa: F811
-    out = reference.parent / case
-    result = _run_driver(case, _options(assets, out, save_every=0))
+def test_a_signal_saves_a_checkpoint_exits_with_its_code_and_the_run_resumes(runs, case, code):
+    result = _case(runs, case)
     assert result["codes"] == [code, 0], result["log_text"][-3000:]
     (saved,) = result["checkpoints"]  # save_every=0: the signal's checkpoint is the only one
     assert 2 <= int(saved.split("-")[1]) < MAX_STEPS
     assert (
         f"{case} received" in result["log_text"] and "rerun the same command to resume" in result["log_text"]
     )
-    _assert_same_run(out, reference)
+    _assert_same_run(result["out"], _case(runs, "reference")["out"])
 
 
-def test_a_second_sigint_aborts_at_once(assets, reference):  # noqa: F811
-    out = reference.parent / "twice"
-    result = _run_driver("SIGINT twice", _options(assets, out, save_every=0))
-    assert result["codes"][0] == 130 and "KeyboardInterrupt" in result["log_text"]
+def test_a_second_sigint_aborts_at_once(runs):
+    result = _case(runs, "SIGINT twice")
+    assert result["codes"] == [130, 0] and "KeyboardInterrupt" in result["log_text"], result["log_text"][
+        -3000:
+    ]
     assert "rerun the same command to resume" not in result["log_text"].split("KeyboardInterrupt")[0]
-    _assert_same_run(out, reference)
+    _assert_same_run(result["out"], _case(runs, "reference")["out"])
 
 
-def test_each_corrupted_checkpoint_file_is_skipped_for_the_previous_checkpoint(assets, reference):  # noqa: F811
-    out = reference.parent / "corrupt"
-    result = _run_driver("corrupt", _options(assets, out, max_steps=3, save_every=1, keep_last=3))
-    assert len(result["resumed"]) >= 5, "model, optimizer, scheduler, rng, meta and more"
-    for name, resumed in result["resumed"].items():
+def test_each_corrupted_checkpoint_file_is_skipped_for_the_previous_checkpoint(runs):
+    resumed_runs = _case(runs, "corrupt")["resumed"]
+    assert len(resumed_runs) >= 5, "model, optimizer, scheduler, rng, meta and more"
+    for name, resumed in resumed_runs.items():
         assert resumed["code"] == 0 and "resumed at step 2" in resumed["log"], (name, resumed["log"][-2000:])
         (warning,) = [line for line in resumed["log"].splitlines() if "skipping checkpoint" in line]
         assert "checkpoint-00000003" in warning and name in warning, (name, warning)
 
 
-def test_a_truncated_data_file_is_reported_with_its_line(assets, reference):  # noqa: F811
-    data = reference.parent / "truncated.jsonl"
-    rows = (assets / "pairs.jsonl").read_bytes().splitlines(keepends=True)
-    last = json.dumps({"prompt": "7 + 5 = ? é", "chosen": "12 ✓", "rejected": "13"}, ensure_ascii=False)
-    cut = last.encode()[: last.encode().index("✓".encode()) + 1]  # inside a multi-byte character
-    data.write_bytes(b"".join(rows) + cut)
-    out = reference.parent / "truncated"
-    result = _run_driver("run", _options(assets, out, data=str(data)))
+def test_a_truncated_data_file_is_reported_with_its_line(runs):
+    result = _case(runs, "truncated")
     assert result["codes"] == [2], result["log_text"][-3000:]
-    assert f"{data}" in result["log_text"] and f"line {len(rows) + 1}" in result["log_text"]
-    assert "Traceback" not in result["log_text"]
-    skipping = _run_driver(
-        "run", _options(assets, reference.parent / "skipping", data=str(data), skip_invalid=True)
-    )
+    log = result["log_text"]
+    assert f"{result['data']} line {result['line']}" in log and "Traceback" not in log
+    skipping = _case(runs, "skip truncated")
     assert skipping["codes"] == [0], skipping["log_text"][-3000:]
-    _assert_same_run(reference.parent / "skipping", reference)
+    _assert_same_run(skipping["out"], _case(runs, "reference")["out"])
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(assets, reference):  # noqa: F811
-    out = reference.parent / "full"
-    result = _run_driver("disk full", _options(assets, out))
+def test_a_full_disk_keeps_the_previous_checkpoint(runs):
+    result = _case(runs, "disk full")
     assert result["codes"][0] == 2, result["log_text"][-3000:]
-    message = result["log_text"]
-    assert "fastdpo train: error:" in message and "No space left on device" in message
-    assert "checkpoint-00000004" in message and "Traceback" not in message.split("fastdpo train: error:")[0]
+    log = result["log_text"]
+    assert (
+        "fastdpo train: error:" in log and "No space left on device" in log and "checkpoint-00000004" in log
+    )
+    assert "Traceback" not in log
     assert [n for n in result["after_full"] if "checkpoint" in n] == ["checkpoint-00000002"]
     assert result["resumed"] == 0 and "resumed at step 2" in result["resumed_log"]
     assert "skipping" not in result["resumed_log"]
     assert result["codes"][1] == 0
-    _assert_same_run(out, reference)
+    _assert_same_run(result["out"], _case(runs, "reference")["out"])
 
 
-def test_a_diverging_run_skips_steps_then_stops_without_exporting(assets, reference):  # noqa: F811
-    out = reference.parent / "diverge"
-    refused = _run_driver("run", _options(assets, reference.parent / "inf", lr="inf"))
+def test_a_diverging_run_skips_steps_then_stops_without_exporting(runs):
+    refused = _case(runs, "lr inf")
     assert refused["codes"] == [2] and "lr: expected a finite float" in refused["log_text"]
-    result = _run_driver("diverge", _options(assets, out, save_every=100))
+    result = _case(runs, "diverge")
     assert result["codes"] == [2], result["log_text"][-3000:]
     assert "3 optimizer steps in a row had a non-finite loss" in result["log_text"]
-    skipped = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["split"]) for r in skipped] == [
-        (1, "train"),
-        (2, "skipped"),
-        (3, "skipped"),
-        (4, "skipped"),
-    ]
-    assert not (out / "final").exists()
+    records = [json.loads(x) for x in (result["out"] / "metrics.jsonl").read_text().splitlines()]
+    expected = [(1, "train"), (2, "skipped"), (3, "skipped"), (4, "skipped")]
+    assert [(r["step"], r["split"]) for r in records] == expected
+    assert not (result["out"] / "final").exists()
 
 
 if __name__ == "__main__":
     import torch
 
     torch.set_num_threads(1)
-    print(json.dumps(_drive(sys.argv[1], json.loads(sys.argv[2]))))
+    results = {}
+    for label, (case, options) in json.loads(sys.argv[1]).items():
+        try:
+            results[label] = _drive(case, options)
+        except Exception:  # recorded, so that the other cases still run and only this one's test fails
+            results[label] = {"log": "", "error": traceback.format_exc()}
+    print(json.dumps(results))

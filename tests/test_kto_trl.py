@@ -124,6 +124,34 @@ def test_matches_stock_trainer(case: str, tmp_path: Path, no_trl_head) -> None:
     assert {"rewards/margins", "logits/chosen", "entropy"} <= set(fast[2])
 
 
+def test_gemma2_final_logit_softcap(tmp_path: Path, no_trl_head) -> None:
+    """The policy loss, the KL completions and the reference are all scored with the model's softcap."""
+    import transformers
+
+    config = transformers.Gemma2Config(
+        vocab_size=len(test_trl_integration.VOCAB), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0,
+        bos_token_id=None, eos_token_id=1, final_logit_softcapping=2.0,
+    )  # fmt: skip
+    states = [transformers.Gemma2ForCausalLM(config).state_dict() for _ in range(2)]
+    # Logits of order 1 (policy) and 2 (reference), where the softcap of 2 bends them.
+    states[0]["lm_head.weight"] = 5 * states[0]["lm_head.weight"]
+    states[1]["lm_head.weight"] = 10 * states[1]["lm_head.weight"]
+    runs = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        models = [transformers.Gemma2ForCausalLM(config) for _ in states]
+        for model, state in zip(models, states, strict=True):
+            model.load_state_dict(state)
+        trainer = cls(
+            model=models[0], ref_model=models[1], args=_args(tmp_path), train_dataset=_dataset(),
+            processing_class=_tokenizer(),
+        )  # fmt: skip
+        runs.append(_one_batch(trainer))
+    _assert_same(*runs)
+
+
 def test_single_label_batch(tmp_path: Path, no_trl_head) -> None:
     policy, reference = _kto_states()
     dataset = _dataset().map(lambda row: {"label": True})

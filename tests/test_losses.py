@@ -511,6 +511,33 @@ def test_autocast_gradients_are_fp32_accumulations():
         _check_close(name, got, want[name], rtol=1e-4, atol=0.0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("impl", ["fused", "chunked"])
+def test_autocast_returns_fp32_gradients_on_every_path(backend, impl):
+    """fp16 autocast (the interpreter's bf16 dots are unreliable): every path takes fp32 masters, returns fp32
+    gradients, and agrees with the torch backend to fp16 precision."""
+    dev = _device(backend)
+    hidden, weight, b, labels, _ = make_batch(num_pairs=2, t=7, d=16, v=100)
+    grads = []
+    for key in ((backend, impl), ("torch", "chunked")):
+        leaves = [x.float().to(dev).requires_grad_() for x in (hidden, weight, b)]
+        with torch.autocast(dev, dtype=torch.float16):
+            out = fused_linear_dpo_loss(
+                leaves[0],
+                leaves[1],
+                labels.to(dev),
+                leaves[2],
+                reference_free=True,
+                backend=key[0],
+                impl=key[1],
+            )
+        out.loss.backward()
+        assert all(x.grad.dtype == torch.float32 for x in leaves), key
+        grads.append([x.grad.double().cpu() for x in leaves])
+    for name, got, want in zip(("dhidden", "dweight", "dbias"), *grads, strict=True):
+        _check_close(name, got, want, rtol=1e-3)
+
+
 def _wpo_weights(tok, mask, token_lsp2):
     """TRL 1.16's WPO pair weights: exp(mean over the response of logp - log sum p^2), chosen x rejected."""
     aligned = ((tok - token_lsp2) * mask).sum(-1) / mask.sum(-1).clamp(min=1)

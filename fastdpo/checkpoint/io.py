@@ -305,10 +305,15 @@ def verify_files(directory: Path, files: Mapping[str, Mapping[str, Any]], *, dee
             raise CheckpointError(f"{name} is missing")
         if path.stat().st_size != entry["size"]:
             raise CheckpointError(f"{name} has {path.stat().st_size} bytes, {entry['size']} were written")
-    if deep:
-        for name, entry in files.items():
-            if file_digest(directory / name) != entry.get("sha256"):
-                raise CheckpointError(f"{name} does not match its recorded sha256 (corrupted)")
+    if not deep:
+        return
+    for name, entry in files.items():
+        try:
+            digest = file_digest(directory / name)
+        except OSError as err:
+            raise CheckpointError(f"{name} is unreadable ({err})") from None
+        if digest != entry.get("sha256"):
+            raise CheckpointError(f"{name} does not match its recorded sha256 (corrupted)")
 
 
 def _passes(check: Callable[[Path], Any], path: Path) -> bool:
@@ -368,8 +373,7 @@ def newest_valid(
         return None
     reasons = []
     for path in _candidates(run_dir, layout):
-        if not path.exists():
-            reasons.append(f"{path.name}: named by {layout.pointer} but missing")
+        if not path.exists():  # the pointer names a folder that is gone: not a checkpoint to report
             continue
         try:
             return path, check(path)
@@ -377,8 +381,7 @@ def newest_valid(
             reasons.append(f"{path.name}: {err}")
             if warn:
                 warnings.warn(f"skipping checkpoint {path}: {err}", stacklevel=3)
-    found = [r for r in reasons if "named by" not in r]
-    if warn and found:
+    if warn and reasons:
         raise CheckpointError(
             f"no valid {layout.format} in {run_dir}: every checkpoint failed a check; " + "; ".join(reasons)
         )

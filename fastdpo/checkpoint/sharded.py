@@ -339,6 +339,8 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
     first: dict[int, str] = {}
     aliases = {}
     module = unwrap_model(model)
+    while isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile, as DCP strips it
+        module = module._orig_mod
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
     for name, tensor in named:
         if id(tensor) in first:

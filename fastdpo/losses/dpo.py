@@ -132,7 +132,7 @@ class FusedLinearDPOLoss(nn.Module):
             without gradient. Not with ``aot``, ``aot_unpaired``, ``simpo`` or ``orpo``.
         stats: also compute, in the same pass over the vocabulary, each scored token's entropy, mean logit,
             whether its label is the argmax and ``log sum p^2``: returned in ``token_stats`` and as TRL's
-            ``entropy``, ``logits/*`` and ``mean_token_accuracy`` metrics. Off, they cost nothing.
+            ``entropy``, ``logits/*`` and ``mean_token_accuracy`` metrics. Off, they are not computed.
         temperature: divides the logits.
         softcap: final-logit soft-capping (Gemma-2), or None.
         filter_eps: backward gradient filtering of the triton backend (see ``linear_logprobs``).

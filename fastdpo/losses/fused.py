@@ -92,10 +92,6 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    return t if t is None or dtype is None or not t.is_floating_point() else t.to(dtype)
-
-
 def detach(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach()
 

@@ -61,10 +61,11 @@ def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _transform(raw: torch.Tensor, inv_temp: float, softcap: float | None):
     """``(z, t)``: ``z = cap(raw) / T`` and ``t = tanh(raw / softcap)`` (None without softcap), in fp32.
 
-    The order of operations is TRL's, so that both round alike.
+    The order of operations is TRL's, so that both round alike (skipping a product by 1.0 changes no
+    bit). ``z`` may be ``raw`` itself: callers do not write to it.
     """
     if softcap is None:
-        return raw * inv_temp, None
+        return (raw if inv_temp == 1.0 else raw * inv_temp), None
     t = torch.tanh(raw / softcap)
     return softcap * t * inv_temp, t
 
@@ -93,7 +94,7 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
         max_before.copy_(torch.maximum(max_before, z.masked_fill(~left, float("-inf")).amax(-1)))
     new_max = torch.maximum(run_max, z.amax(-1))
     rescale = torch.exp(run_max - new_max)
-    e = torch.exp(z - new_max[:, None])
+    e = torch.sub(z, new_max[:, None]).exp_()
     sum_exp.mul_(rescale).add_(e.sum(-1))
     if has_stats:
         sum_exp_z.mul_(rescale).add_((e * z).sum(-1))
@@ -107,9 +108,16 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
 def torch_fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
     """Turns one logits chunk in place into ``scale * d(sum grad * logp) / d(raw logits)``."""
     z, t = _transform(tile.float(), inv_temp, softcap)
-    onehot = torch.arange(v0, v0 + z.shape[1], device=z.device) == targets[:, None]
-    dz = grad[:, None] * (onehot.float() - torch.exp(z - lse[:, None]))
-    dz *= inv_temp
+    local = targets - v0
+    rows = ((local >= 0) & (local < z.shape[1])).nonzero()[:, 0]
+    cols = local[rows]
+    dz = torch.sub(z, lse[:, None]).exp_()
+    p_target = dz[rows, cols]
+    # grad * (onehot - p), as TRL writes it: -(grad * p) off the target, grad * (1 - p) on it.
+    dz.mul_(-grad[:, None])
+    dz[rows, cols] = grad[rows] * (1 - p_target)
+    if inv_temp != 1.0:
+        dz *= inv_temp
     if t is not None:
         dz *= 1 - t * t
     if scale != 1.0:

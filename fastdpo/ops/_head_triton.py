@@ -38,25 +38,27 @@ class Config:
     group_m: int = 8
 
 
-# Default configs, chosen for Hopper in bf16: 128x128 output tiles keep the tensor cores busy, and a
-# 64-wide K step with 3 stages hides global-memory latency within the 227 KB of shared memory per block.
-# GROUP_M = 8 token blocks per group (Triton's matmul tutorial) keeps a wave's tiles in L2.
-FWD_CONFIG = Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
+# Default configs, for Hopper in bf16, within what the static gate passes on sm_90a and sm_80 (no spills):
+# a 64-wide K step with 3 stages hides global-memory latency in 72-160 KB of shared memory. The backward
+# takes 128x128 output tiles (its two dots per K step keep the tensor cores busy); the forward 128x64,
+# because its online softmax keeps the logits tile and its exponentials live at once (128x128 spills on
+# sm_80 with statistics). GROUP_M = 8 token blocks per group (Triton's matmul tutorial) keeps a wave's
+# tiles in L2.
+FWD_CONFIG = Config(block_m=128, block_v=64, block_d=64, num_warps=8, num_stages=3)
 BWD_CONFIG = Config(block_m=128, block_v=128, block_d=64, num_warps=8, num_stages=3)
 # The interpreter runs one program at a time in numpy, so it wants few, large programs.
 _INTERPRET_CONFIG = Config(block_m=32, block_v=64, block_d=32, num_warps=1, num_stages=1, group_m=2)
 _MAX_BLOCK = 256
-# Only configs that pass the static gate (no spills, shared memory within limits on sm_90a and sm_80).
+# Only configs that pass the static gate for both kernels (no spills, shared memory within limits, on
+# sm_90a and sm_80, at bf16 with and without statistics, softcap and filtering). 128x128 tiles spill in
+# the forward with statistics, 64x64 with 4 warps in the backward on sm_80.
 AUTOTUNE_CONFIGS = [
-    Config(128, 128, 64, 8, 3),
-    Config(128, 128, 64, 8, 4),
-    Config(64, 128, 64, 4, 4),
-    Config(128, 64, 64, 4, 4),
+    Config(128, 64, 64, 8, 3),
+    Config(128, 64, 64, 8, 4),
+    Config(128, 64, 32, 8, 4),
 ]
-# The compiled fused kernels take 185-255 registers per thread at 8 warps: one CTA per SM.
-_CTAS_PER_SM = 1
-# A forward grid fills at least this share of its last wave, or it gets more vocab splits.
-_MIN_WAVE_FILL = 0.9
+# Warps one SM holds at most (H100, H200, A100).
+_MAX_WARPS_PER_SM = 64
 # Columns of a logits chunk per program of the chunked impl's folds: a row of 1024 fp32 values is 4 KB,
 # coalesced, and few enough programs per row that the forward's row loop stays short.
 FOLD_BLOCK = 1024
@@ -76,21 +78,40 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def vocab_splits(m: int, v: int, cfg: Config, device: torch.device) -> int:
-    """Vocab splits of the forward grid: the fewest whose grid fills its last wave to ``_MIN_WAVE_FILL``.
+def ctas_per_sm(kernel, args: tuple, kwargs: dict, device: torch.device) -> int:
+    """How many CTAs of ``kernel``, compiled for these arguments, one SM holds (registers, shared memory).
 
-    Splits add an O(M x splits) fold and re-read the hidden tile once per split; they pay off when the
-    token blocks alone would leave SMs idle in the last (or only) wave.
+    The compiled kernel says it: the default configs take 128-255 registers per thread, one or two CTAs
+    per SM depending on the architecture and the flags (the static gate's report lists them).
+    """
+    if device.type != "cuda":
+        return 1
+    import triton
+
+    compiled = kernel.warmup(*args, grid=(1,), **kwargs)
+    if not hasattr(compiled, "_init_handles"):
+        return 1  # a launch interceptor (the static compile gate) compiled nothing to ask
+    compiled._init_handles()
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    warps = kwargs["num_warps"]
+    by_regs = props["max_num_regs"] // max(1, compiled.n_regs * props["warpSize"] * warps)
+    by_smem = props["max_shared_mem"] // max(1, compiled.metadata.shared)
+    return max(1, min(by_regs, by_smem, _MAX_WARPS_PER_SM // warps))
+
+
+def vocab_splits(m: int, v: int, cfg: Config, device: torch.device, ctas: int = 1) -> int:
+    """Vocab splits of the forward grid: as many as make one group of token blocks fill one wave.
+
+    A wave is ``num_sms * ctas`` programs, ``ctas`` being :func:`ctas_per_sm` of the compiled kernel; a
+    group is ``GROUP_M`` token blocks (fewer when there are fewer). With ``wave // group`` splits each
+    wave works on one group's hidden tiles (which then stay in L2 instead of being re-streamed from HBM
+    for every vocab tile), and a small token count still fills every SM. Splits cost an O(M x splits)
+    fold of fp32 partials.
     """
     if device.type != "cuda":
         return 1
     m_blocks, v_blocks = cdiv(m, cfg.block_m), cdiv(v, cfg.block_v)
-    slots = num_sms(device) * _CTAS_PER_SM
-    for splits in range(1, min(v_blocks, 4 * slots) + 1):
-        programs = m_blocks * splits
-        if programs / (cdiv(programs, slots) * slots) >= _MIN_WAVE_FILL:
-            return splits
-    return min(v_blocks, 4 * slots)
+    return max(1, min(v_blocks, num_sms(device) * ctas // min(cfg.group_m, m_blocks)))
 
 
 def _tile_addressable(x: torch.Tensor) -> torch.Tensor:
@@ -152,20 +173,32 @@ def fused_forward(
     hidden, weight = _tile_addressable(hidden), _tile_addressable(weight)
 
     def launch(cfg: Config):
-        splits = num_splits or vocab_splits(m, v, cfg, hidden.device)
+        def args(parts, v_per_split, splits):
+            return (
+                hidden, weight, bias if bias is not None else weight, targets, parts,
+                m, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+                1.0 / temperature, softcap or 1.0, v_per_split, splits,
+            )  # fmt: skip
+
+        kwargs = dict(
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_STATS=stats,
+            IS_INTERPRETED=interpreting(), COMPUTE_DTYPE=_tl_dtype(compute_dtype),
+            DOT_PRECISION=_dot_precision(compute_dtype),
+            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        splits = num_splits
+        if splits is None:
+            # The split count is not specialized on, so this compile is the one the launch below uses.
+            probe = args(torch.empty(1, device=hidden.device), v, 2)
+            ctas = ctas_per_sm(_linear_logprobs_fwd_kernel, probe, kwargs, hidden.device)
+            splits = vocab_splits(m, v, cfg, hidden.device, ctas)
         v_per_split = cdiv(cdiv(v, splits), cfg.block_v) * cfg.block_v
         splits = cdiv(v, v_per_split)
         parts = torch.empty(splits, 7 if stats else 2, m, device=hidden.device, dtype=torch.float32)
         _linear_logprobs_fwd_kernel[(cdiv(m, cfg.block_m) * splits,)](
-            hidden, weight, bias if bias is not None else weight, targets, parts,
-            m, v, d, hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-            1.0 / temperature, softcap or 1.0, v_per_split, splits,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_STATS=stats,
-            IS_INTERPRETED=interpreting(), COMPUTE_DTYPE=_tl_dtype(compute_dtype),
-            DOT_PRECISION=_dot_precision(compute_dtype),
-            BLOCK_M=cfg.block_m, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
+            *args(parts, v_per_split, splits), **kwargs
+        )
         return parts
 
     key = (v, d, hidden.dtype, weight.dtype, compute_dtype, bias is not None, softcap is not None, stats)

@@ -27,7 +27,9 @@ from fastdpo.train.plan import Split
 
 __all__ = ["METRIC_NAMES", "PackedForward"]
 
-# Per-pair metrics, averaged over the pairs of a step (or of the eval set), under TRL's names.
+# Per-pair metrics, averaged over the pairs of a step (or of the eval set), under TRL's names. entropy and
+# mean_token_accuracy come from the loss's own pass over the vocabulary: each pair's token mean (over its
+# tokens; over its chosen ones), so that the average does not depend on how pairs were batched.
 METRIC_NAMES = (
     "loss",
     "rewards/chosen",
@@ -36,6 +38,8 @@ METRIC_NAMES = (
     "rewards/margins",
     "logps/chosen",
     "logps/rejected",
+    "entropy",
+    "mean_token_accuracy",
 )
 
 
@@ -44,7 +48,9 @@ class PackedForward:
     under ``config``'s compute dtype, attention backend and activation offloading; ``temperature`` and
     ``softcap`` make the fused head compute the model's own logits (``build.logit_transform``)."""
 
-    # The per-batch sums ``pair_sums`` returns, and the metrics the progress bar and eval log show.
+    # The progress bar's name, the per-batch sums ``pair_sums`` returns, and the metrics the progress bar
+    # and eval log show.
+    name = "dpo"
     metric_names: tuple[str, ...] = METRIC_NAMES
     shown: tuple[str, ...] = ("loss", "rewards/accuracies", "rewards/margins")
 
@@ -141,6 +147,8 @@ class PackedForward:
                 (c - r).sum(),
                 out.chosen_logps.sum(),
                 out.rejected_logps.sum(),
+                out.pair_metrics["entropy"].sum(),
+                out.pair_metrics["mean_token_accuracy"].sum(),
             ]
         )
 

@@ -196,6 +196,12 @@ def _bins_with_partners(tokens: np.ndarray, budget: int, name: str) -> list[np.n
     Raises:
         ValueError: A single-example bin that no example can join (naming the budget to raise).
     """
+    if tokens.size == 1:
+        raise ValueError(
+            f"{name} split: loss_type 'kto' estimates its KL term from mismatched completions, but the "
+            "split holds a single example; add examples (or use loss_type 'apo_zero_unpaired', which has no "
+            "KL term)"
+        )
     bins = [list(b) for b in split_bins(tokens, budget, None)]
     for lone in [b for b in bins if len(b) == 1]:
         size = int(tokens[lone[0]])
@@ -304,6 +310,7 @@ class UnpairedForward(PackedForward):
     """``PackedForward`` for unpaired bins: the bin's labels reach the loss, references are scored as
     the KTO loss scores them, and metrics come out under TRL's KTO names (``KTO_METRIC_NAMES``)."""
 
+    name = "kto"
     metric_names = _SUM_NAMES
     shown = ("loss", "kl", "rewards/margins")
 

@@ -143,6 +143,7 @@ class Trainer:
                 loss_type=cfg.loss_type,
                 label_smoothing=cfg.label_smoothing,
                 reference_free=needs_ref and cfg.reference == "none",
+                stats=True,
                 temperature=temperature,
                 softcap=softcap,
                 backend=cfg.backend,
@@ -235,7 +236,7 @@ class Trainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
-            desc="dpo",
+            desc=self.forward.name,
             dynamic_ncols=True,
             disable=not (cfg.progress and self.dist.is_main),
         )

@@ -132,7 +132,8 @@ class FastKTOTrainer(KTOTrainer):
     ``compute_loss`` (the DDP wrapper in multi-process runs), so DDP's gradient all-reduce stays armed.
     The KL term is TRL's: ``mean(KL_logps - ref_KL_logps)`` over the batch's mismatched completions,
     averaged over processes with ``gather_for_metrics`` and clamped at 0, then handed to the loss as a
-    detached scalar.
+    detached scalar. One departure: TRL averages the losses with ``nanmean``, which drops a sequence whose
+    log-prob is NaN; here such a sequence makes the loss NaN, so non-finite inputs are never hidden.
 
     Args:
         *args: Positional arguments of ``trl.KTOTrainer``.
