@@ -471,6 +471,29 @@ def test_two_ddp_ranks_share_one_kl_estimate(assets, tmp_path):
     assert replies[0]["result"]["train"]["kl"] == replies[1]["result"]["train"]["kl"]
 
 
+@pytest.mark.gpu
+def test_cuda_bf16_triton_step_matches_cpu_fp32(assets, tmp_path):
+    """On CUDA (bf16 autocast, Triton kernels) the first KTO gradient points where the fp32 CPU one does."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    seed = random.randrange(1000)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        backend = "triton" if device == "cuda" else "torch"
+        trainer = Trainer(_config(assets, tmp_path / device, device=device, backend=backend, seed=seed))
+        captured = grads[device] = {}
+
+        def hook(optimizer, args, kwargs, trainer=trainer, captured=captured):
+            if trainer.step == 0:
+                captured.update({n: p.grad.float().cpu() for n, p in trainer.model.named_parameters()})
+
+        trainer.optimizer.register_step_pre_hook(hook)
+        trainer.train(stop_after=1)
+    cpu, cuda = (torch.cat([g.flatten() for g in grads[d].values()]) for d in ("cpu", "cuda"))
+    assert torch.nn.functional.cosine_similarity(cpu, cuda, dim=0) > 0.99
+    assert cuda.norm() == pytest.approx(cpu.norm().item(), rel=0.05)
+
+
 def test_config_options():
     config = TrainConfig(model="m", data="d", loss_type="apo_zero_unpaired", desirable_weight="1.5")
     assert config.desirable_weight == 1.5

@@ -27,7 +27,7 @@ __all__ = ["chunk_shape", "chunked_backward", "chunked_forward"]
 
 # Elements of the one logits buffer (the impl's extra memory beside the fp32 gradient accumulators). On a
 # GPU, TRL's tile of 4096 x 32768 (256 MiB in bf16) keeps cuBLAS at full speed. On the CPU the torch fold
-# adds about four fp32 temporaries of the chunk's size, so the buffer stays at 4M elements (16 MiB).
+# adds up to three fp32 temporaries of the chunk's size, so the buffer stays at 4M elements (16 MiB).
 _GPU_CHUNK_ELEMENTS = 4096 * 32768
 _CPU_CHUNK_ELEMENTS = 4096 * 1024
 _CHUNK_M = 4096
@@ -81,28 +81,38 @@ def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
 
 
 def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
-    """Folds one logits chunk ``[n, CV]`` into ``state``, the chunk's rows ``[K, n]`` of :func:`new_state`."""
+    """Folds one logits chunk ``[n, CV]`` into ``state``, the chunk's rows ``[K, n]`` of :func:`new_state`.
+
+    The chunk is scratch afterwards: the statistics' products are formed in place (fresh chunk-sized
+    allocations cost the CPU more page faults than the arithmetic).
+    """
     z, _ = _transform(tile.float(), inv_temp, softcap)
     run_max, sum_exp, target = state[0], state[1], state[2]
     has_stats = state.shape[0] > 3
     local = targets - v0
     n_cols = z.shape[1]
+    inside = (local >= 0) & (local < n_cols)
+    chunk_max = z.amax(-1)
     if has_stats:
         sum_exp_z, sum_exp2, sum_z, max_before = state[3], state[4], state[5], state[6]
         sum_z += z.sum(-1)
-        left = torch.arange(n_cols, device=z.device) < local[:, None]
-        max_before.copy_(torch.maximum(max_before, z.masked_fill(~left, float("-inf")).amax(-1)))
-    new_max = torch.maximum(run_max, z.amax(-1))
-    rescale = torch.exp(run_max - new_max)
-    e = torch.sub(z, new_max[:, None]).exp_()
-    sum_exp.mul_(rescale).add_(e.sum(-1))
-    if has_stats:
-        sum_exp_z.mul_(rescale).add_((e * z).sum(-1))
-        sum_exp2.mul_(rescale * rescale).add_((e * e).sum(-1))
-    run_max.copy_(new_max)
-    inside = (local >= 0) & (local < n_cols)
+        # The largest logit left of the target: the whole chunk for rows whose target lies further
+        # right, a masked max only for the few rows whose target lies inside the chunk.
+        max_before.copy_(torch.where(local >= n_cols, torch.maximum(max_before, chunk_max), max_before))
+        rows = inside.nonzero()[:, 0]
+        left = torch.arange(n_cols, device=z.device) < local[rows, None]
+        max_left = z[rows].masked_fill_(~left, float("-inf")).amax(-1)
+        max_before[rows] = torch.maximum(max_before[rows], max_left)
     picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
     target.copy_(torch.where(inside, picked, target))
+    new_max = torch.maximum(run_max, chunk_max)
+    rescale = torch.exp(run_max - new_max)
+    e = (torch.sub(z, new_max[:, None]) if has_stats else z.sub_(new_max[:, None])).exp_()
+    sum_exp.mul_(rescale).add_(e.sum(-1))
+    if has_stats:
+        sum_exp_z.mul_(rescale).add_(z.mul_(e).sum(-1))
+        sum_exp2.mul_(rescale * rescale).add_(e.mul_(e).sum(-1))
+    run_max.copy_(new_max)
 
 
 def torch_fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
@@ -111,7 +121,7 @@ def torch_fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
     local = targets - v0
     rows = ((local >= 0) & (local < z.shape[1])).nonzero()[:, 0]
     cols = local[rows]
-    dz = torch.sub(z, lse[:, None]).exp_()
+    dz = z.sub_(lse[:, None]).exp_()  # z is the chunk itself or a fresh copy: scratch either way
     p_target = dz[rows, cols]
     # grad * (onehot - p), as TRL writes it: -(grad * p) off the target, grad * (1 - p) on it.
     dz.mul_(-grad[:, None])

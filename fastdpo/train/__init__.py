@@ -7,6 +7,8 @@ Rooms, in the order a run meets them:
 - ``plan``: tokenized splits, bins of ``tokens_per_step`` tokens, and each epoch's optimizer steps.
 - ``forward``: the packed forward pass (pack, decoder, fused loss) and metric reduction over ranks.
 - ``reference``: the reference modes and the precomputed reference log-probs' disk cache.
+- ``kto``: unpaired data (``loss_type`` kto / apo_zero_unpaired): splits with fixed bins, the KL
+  sequences packed beside the completions, ``FusedLinearKTOLoss`` and TRL's KTO metrics.
 - ``checkpoints``: save, resume and the final export (local checkpoints, or sharded ones under fsdp2).
 - ``metrics``: ``metrics.jsonl`` and TensorBoard.
 - ``loop``: ``Trainer``, the loop from step planning to the optimizer step, and ``train``.
