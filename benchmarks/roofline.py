@@ -108,9 +108,10 @@ def _grouped_pid(pid: int, num_m: int, num_v: int, group_m: int) -> tuple[int, i
 
 
 def fused_costs(
-    shape: Shape, gpu: GPU, ctas_per_sm: int, fwd_splits: int | None = None, group_m: int | None = None
+    shape: Shape, gpu: GPU, ctas: tuple[int, int], fwd_splits: int | None = None, group_m: int | None = None
 ) -> dict[str, Cost]:
-    """The fused kernels' modeled costs: the forward and the backward (dH and dW).
+    """The fused kernels' modeled costs: the forward and the backward (dH and dW), at ``ctas`` (forward,
+    backward) CTAs per SM.
 
     ``fwd_splits`` and ``group_m`` (both kernels) replace the launchers' choices, to model a change.
     """
@@ -120,13 +121,12 @@ def fused_costs(
 
     es = DTYPE_BYTES[shape.dtype]
     n, d, v = shape.n, shape.d, shape.v
-    slots = gpu.sms * ctas_per_sm
     l2 = gpu.l2_mb * 1e6
 
     cfg = launch.FWD_CONFIG
     old, launch.num_sms = launch.num_sms, lambda device: gpu.sms
     try:
-        splits = fwd_splits or launch.vocab_splits(n, v, cfg, torch.device("cuda"), ctas=ctas_per_sm)
+        splits = fwd_splits or launch.vocab_splits(n, v, cfg, torch.device("cuda"), ctas=ctas[0])
     finally:
         launch.num_sms = old
     v_per_split = math.ceil(math.ceil(v / splits) / cfg.block_v) * cfg.block_v
@@ -135,6 +135,7 @@ def fused_costs(
     tiles_per_split = math.ceil(v_per_split / cfg.block_v)
     cache = L2(l2)
     programs = [_grouped_pid(pid, num_m, splits, group_m or cfg.group_m) for pid in range(num_m * splits)]
+    slots = gpu.sms * ctas[0]
     for w0 in range(0, len(programs), slots):
         wave = programs[w0 : w0 + slots]
         for k in range(tiles_per_split):
@@ -149,6 +150,7 @@ def fused_costs(
     h_tile, w_tile = cfg.block_m * d * es, cfg.block_v * d * es
     dh_tile, dw_tile = cfg.block_m * d * FP32, cfg.block_v * d * FP32
     atomic_read = 0.0
+    slots = gpu.sms * ctas[1]
     for w0 in range(0, num_m * num_v, slots):
         wave = [
             _grouped_pid(pid, num_m, num_v, group_m or cfg.group_m)
@@ -214,7 +216,7 @@ def naive_costs(shape: Shape) -> dict[str, list[Cost]]:
     return {"fwd": fwd, "bwd": bwd}
 
 
-def model(shape: Shape, gpu: GPU, ctas_per_sm: int = 1, **what_if: int | None) -> list[dict]:
+def model(shape: Shape, gpu: GPU, ctas: tuple[int, int] = (1, 1), **what_if: int | None) -> list[dict]:
     """One row per (impl, phase) with modeled FLOPs, bytes and time, plus the floor."""
     if shape.dtype not in DTYPE_BYTES:
         raise ValueError(f"the model covers bf16/fp16 tensor-core math, got dtype {shape.dtype!r}")
@@ -228,7 +230,7 @@ def model(shape: Shape, gpu: GPU, ctas_per_sm: int = 1, **what_if: int | None) -
         dict(impl="floor", phase="fwd", tflop=2 * nvd / 1e12, hbm_gb=0.0, ms=1e3 * 2 * nvd / peak),
         dict(impl="floor", phase="bwd", tflop=6 * nvd / 1e12, hbm_gb=0.0, ms=1e3 * 6 * nvd / peak),
     ]
-    for phase, cost in fused_costs(shape, gpu, ctas_per_sm, **what_if).items():
+    for phase, cost in fused_costs(shape, gpu, ctas, **what_if).items():
         hbm_gb, atomic_gb = (cost.bytes + cost.atomic_bytes) / 1e9, cost.atomic_bytes / 1e9
         rows.append(dict(impl="fused", phase=phase, tflop=cost.flops / 1e12, hbm_gb=hbm_gb,
                          atomic_gb=atomic_gb, ms=cost.time_ms(gpu)))  # fmt: skip
@@ -302,7 +304,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--custom", metavar="N,D,V", help="a custom shape instead")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPE_BYTES))
     p.add_argument("--gpu", default="h100", choices=sorted(GPUS))
-    p.add_argument("--ctas-per-sm", type=int, default=1, help="fused kernels' occupancy (static_report.py)")
+    p.add_argument("--ctas-per-sm", type=int, nargs=2, default=[1, 1], metavar=("FWD", "BWD"),
+                   help="CTAs per SM of the fused forward and backward (static_report.py)")  # fmt: skip
     p.add_argument("--csv", help="a bench_logprobs.py CSV: print measured beside modeled")
     p.add_argument("--fwd-splits", type=int, help="what-if: the fused forward's vocab splits")
     p.add_argument("--group-m", type=int, help="what-if: the fused kernels' GROUP_M")
@@ -317,7 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         base = next(s for s in DEFAULT_SHAPES if s.name == args.shape)
         shape = Shape(base.name, base.n, base.d, base.v, args.dtype, base.softcap)
     gpu = GPUS[args.gpu]
-    rows = model(shape, gpu, args.ctas_per_sm, fwd_splits=args.fwd_splits, group_m=args.group_m)
+    rows = model(shape, gpu, tuple(args.ctas_per_sm), fwd_splits=args.fwd_splits, group_m=args.group_m)
     if args.fwd_splits or args.group_m:
         print(f"what-if: fused forward splits {args.fwd_splits or 'as launched'}, "
               f"GROUP_M {args.group_m or 'as launched'}")  # fmt: skip
