@@ -14,6 +14,7 @@ import os
 import shutil
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import datasets
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
-from fastdpo.data_sources import InvalidRow, describe, source_rows
+from fastdpo.data_sources import InvalidRow, collect_rows, describe
 from fastdpo.errors import UserError
 
 __all__ = ["DataReport", "load_preference_data", "tokenize_preferences"]
@@ -34,15 +35,7 @@ _EXPECTED = (
     "a JSON object with 'prompt', 'chosen', 'rejected' (or only 'chosen'/'rejected' with an implicit prompt, "
     "or ShareGPT 'conversations' with 'chosen'/'rejected')"
 )
-_MESSAGE_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
-_TOKEN_FEATURES = datasets.Features(
-    {
-        "prompt_ids": datasets.List(datasets.Value("int32")),
-        "chosen_ids": datasets.List(datasets.Value("int32")),
-        "rejected_ids": datasets.List(datasets.Value("int32")),
-        "status": datasets.Value("string"),
-    }
-)
+MESSAGE_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
 
 @dataclass
@@ -96,7 +89,7 @@ def _messages(value: Any, name: str, role_key: str = "role", content_key: str = 
     return messages
 
 
-def _text_or_messages(value: Any, name: str) -> str | list[dict]:
+def text_or_messages(value: Any, name: str) -> str | list[dict]:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -105,6 +98,11 @@ def _text_or_messages(value: Any, name: str) -> str | list[dict]:
         "invalid_type",
         f"'{name}': expected a string or a list of {{role, content}} messages, got {describe(value)}",
     )
+
+
+def is_blank(value: str | list[dict]) -> bool:
+    """Whether a prompt or response is empty: no messages, or only white space."""
+    return not value or (isinstance(value, str) and not value.strip())
 
 
 def _sharegpt_turn(value: Any, name: str) -> list[dict]:
@@ -162,7 +160,7 @@ def _normalize_row(row: Any) -> dict[str, Any]:
             raise InvalidRow(
                 "missing_column", f"missing '{name}'; expected {_EXPECTED}, got keys {sorted(row)}"
             )
-    convert = _sharegpt_turn if sharegpt else _text_or_messages
+    convert = _sharegpt_turn if sharegpt else text_or_messages
     chosen, rejected = convert(row["chosen"], "chosen"), convert(row["rejected"], "rejected")
     if type(chosen) is not type(rejected):
         raise InvalidRow("mixed_format", "'chosen' and 'rejected' must both be strings or both message lists")
@@ -179,15 +177,15 @@ def _normalize_row(row: Any) -> dict[str, Any]:
     elif isinstance(prompt, str) and isinstance(chosen, list):
         prompt = [{"role": "user", "content": prompt}]
     else:
-        prompt = _text_or_messages(prompt, "prompt")
+        prompt = text_or_messages(prompt, "prompt")
     if type(prompt) is not type(chosen):
         raise InvalidRow(
             "mixed_format", "'prompt', 'chosen' and 'rejected' must all be strings or all message lists"
         )
-    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+    if is_blank(prompt):
         raise InvalidRow("empty_prompt", "'prompt' is empty")
     for name, response in (("chosen", chosen), ("rejected", rejected)):
-        if not response or (isinstance(response, str) and not response.strip()):
+        if is_blank(response):
             raise InvalidRow("empty_response", f"'{name}' response is empty")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -220,28 +218,16 @@ def load_preference_data(
         FileNotFoundError: Nothing exists at ``source``.
     """
     report = DataReport()
-    rows: list[dict[str, Any]] = []
-    for location, raw in source_rows(source, split):
-        report.rows_read += 1
-        try:
-            if isinstance(raw, InvalidRow):
-                raise raw
-            row = _normalize_row(raw)
-            if rows and type(row["prompt"]) is not type(rows[0]["prompt"]):
-                raise InvalidRow(
-                    "mixed_format", "rows mix standard (string) and conversational (message) formats"
-                )
-        except InvalidRow as e:
-            if not skip_invalid:
-                raise UserError(f"{location}: {e}") from None
-            report.rows_dropped[e.reason] = report.rows_dropped.get(e.reason, 0) + 1
-            continue
-        rows.append(row)
-    report.rows_kept = len(rows)
-    column = _MESSAGE_FEATURE if rows and isinstance(rows[0]["prompt"], list) else datasets.Value("string")
-    features = datasets.Features({"prompt": column, "chosen": column, "rejected": column})
+    rows = collect_rows(source, split, skip_invalid, _normalize_row, report)
+    return rows_dataset(rows, ("chosen", "rejected")), report
+
+
+def rows_dataset(rows: list[dict[str, Any]], responses: tuple[str, ...], **extra: Any) -> datasets.Dataset:
+    """A dataset of ``rows``' prompt and ``responses`` (all text or all messages) and ``extra`` columns."""
+    column = MESSAGE_FEATURE if rows and isinstance(rows[0]["prompt"], list) else datasets.Value("string")
+    features = datasets.Features({**{name: column for name in ("prompt", *responses)}, **extra})
     columns = {name: [row[name] for row in rows] for name in features}
-    return datasets.Dataset.from_dict(columns, features=features), report
+    return datasets.Dataset.from_dict(columns, features=features)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -286,45 +272,47 @@ def _tokenize_batch(
     *,
     tokenizer: PreTrainedTokenizerBase,
     conversational: bool,
+    responses: tuple[str, ...],
+    features: datasets.Features,
     max_length: int,
     max_prompt_length: int | None,
     truncation_mode: str,
 ) -> dict[str, list]:
     if conversational:
         rendered = [
-            _render(tokenizer, i, prompt, [chosen, rejected])
-            for i, prompt, chosen, rejected in zip(
-                indices, batch["prompt"], batch["chosen"], batch["rejected"], strict=True
-            )
+            _render(tokenizer, i, prompt, list(rs), names=responses)
+            for i, prompt, *rs in zip(indices, batch["prompt"], *(batch[k] for k in responses), strict=True)
         ]
         texts = [list(column) for column in zip(*rendered, strict=True)]
     else:
         texts = [batch["prompt"]] + [
-            [p + r for p, r in zip(batch["prompt"], batch[k], strict=True)] for k in ("chosen", "rejected")
+            [p + r for p, r in zip(batch["prompt"], batch[k], strict=True)] for k in responses
         ]
     # Chat templates carry their own BOS; plain text gets the tokenizer's special tokens as at inference.
     ids = [tokenizer(t, add_special_tokens=not conversational)["input_ids"] for t in texts]
-    out: dict[str, list] = {name: [] for name in _TOKEN_FEATURES}
-    for prompt, prompt_chosen, prompt_rejected in zip(*ids, strict=True):
-        # Tokens can merge across the prompt/response boundary; the prompt is what both sequences share.
-        n = min(_common_prefix(prompt, prompt_chosen), _common_prefix(prompt, prompt_rejected))
-        prompt, chosen, rejected = prompt[:n], prompt_chosen[n:], prompt_rejected[n:]
+    # Columns other than the ids and the status (an unpaired row's label) pass through unchanged.
+    out: dict[str, list] = {name: batch[name] if name in batch else [] for name in features}
+    for prompt, *full in zip(*ids, strict=True):
+        # Tokens can merge across the prompt/response boundary; the prompt is what all sequences share.
+        n = min(_common_prefix(prompt, f) for f in full)
+        prompt, rs = prompt[:n], [f[n:] for f in full]
         if not conversational:
-            chosen, rejected = [_with_eos(r, tokenizer.eos_token_id) for r in (chosen, rejected)]
+            rs = [_with_eos(r, tokenizer.eos_token_id) for r in rs]
         status = ""
         if max_prompt_length is not None and len(prompt) > max_prompt_length:
             prompt, status = _cut(prompt, max_prompt_length, truncation_mode), "truncated"
         budget = max_length - len(prompt)
-        if max(len(chosen), len(rejected)) > budget:
-            chosen, rejected, status = chosen[: max(budget, 0)], rejected[: max(budget, 0)], "truncated"
+        if max(map(len, rs)) > budget:
+            rs, status = [r[: max(budget, 0)] for r in rs], "truncated"
         if budget <= 0:
             status = "prompt_fills_max_length"
-        elif not chosen or not rejected:
+        elif not all(rs):
             status = "empty_response"
-        elif chosen == rejected:
+        elif len(rs) > 1 and all(r == rs[0] for r in rs[1:]):
             status = "identical_after_tokenization"
-        for name, value in zip(_TOKEN_FEATURES, (prompt, chosen, rejected, status), strict=True):
-            out[name].append(value)
+        for name, value in zip(("prompt", *responses), (prompt, *rs), strict=True):
+            out[f"{name}_ids"].append(value)
+        out["status"].append(status)
     return out
 
 
@@ -384,28 +372,63 @@ def tokenize_preferences(
         ValueError: Bad options, columns, tokenizer, or a chat template that does not render the prompt as a
             prefix of prompt+response.
     """
+    return tokenize_rows(
+        dataset,
+        tokenizer,
+        responses=("chosen", "rejected"),
+        loader="load_preference_data",
+        columns="columns prompt/chosen/rejected, all strings or all {role, content} message lists",
+        desc="Tokenizing preference pairs",
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        cache_dir=cache_dir,
+        num_proc=num_proc,
+    )
+
+
+def tokenize_rows(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    responses: tuple[str, ...],
+    loader: str,
+    columns: str,
+    desc: str,
+    max_length: int,
+    max_prompt_length: int | None,
+    truncation_mode: str,
+    cache_dir: str | os.PathLike | None,
+    num_proc: int | None = None,
+    extra: datasets.Features | None = None,
+    kind: str | None = None,
+    report_cls: type[DataReport] = DataReport,
+    counts: Callable[[datasets.Dataset], dict[str, int]] | None = None,
+) -> tuple[datasets.Dataset, DataReport]:
+    """``tokenize_preferences`` for a prompt with any ``responses`` columns (``fastdpo.data_unpaired``'s too).
+
+    ``loader`` and ``columns`` describe the expected dataset in errors; ``extra`` columns pass through;
+    ``kind`` keeps cache entries of different row kinds apart; the report is a ``report_cls`` built with the
+    ``counts`` of the kept rows as extra fields.
+    """
     if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"dataset: expected a datasets.Dataset from load_preference_data, got {type(dataset).__name__}"
-        )
+        raise TypeError(f"dataset: expected a datasets.Dataset from {loader}, got {type(dataset).__name__}")
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
+    extra = extra or datasets.Features()
     features = dataset.features
-    if set(features) != {"prompt", "chosen", "rejected"} or not (
-        features["prompt"] == features["chosen"] == features["rejected"]
-        and features["prompt"] in (datasets.Value("string"), _MESSAGE_FEATURE)
+    if set(features) != {"prompt", *responses, *extra} or not (
+        all(features[name] == features["prompt"] for name in responses)
+        and features["prompt"] in (datasets.Value("string"), MESSAGE_FEATURE)
     ):
-        raise ValueError(
-            "dataset: expected columns prompt/chosen/rejected, all strings or all {role, content} message "
-            f"lists (use load_preference_data), got {features}"
-        )
+        raise ValueError(f"dataset: expected {columns} (use {loader}), got {features}")
     if truncation_mode not in ("keep_end", "keep_start"):
         raise ValueError(f"truncation_mode: expected 'keep_end' or 'keep_start', got {truncation_mode!r}")
     if max_length < 2:
         raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
     if max_prompt_length is not None and max_prompt_length < 1:
         raise ValueError(f"max_prompt_length: expected None or an int >= 1, got {max_prompt_length!r}")
-    conversational = features["prompt"] == _MESSAGE_FEATURE
+    conversational = features["prompt"] == MESSAGE_FEATURE
     if conversational and not tokenizer.chat_template:
         raise UserError("tokenizer: conversational data needs a chat_template, but the tokenizer has none")
     if not conversational and tokenizer.eos_token_id is None:
@@ -422,6 +445,7 @@ def tokenize_preferences(
         json.dumps(
             {
                 "version": _CACHE_VERSION,
+                **({"kind": kind} if kind else {}),
                 # datasets has no public accessor; the fingerprint derives from content or the saved files.
                 "data": dataset._fingerprint,
                 "tokenizer": _tokenizer_fingerprint(tokenizer),
@@ -430,27 +454,41 @@ def tokenize_preferences(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:32]
-    entry = Path(cache_dir, f"tokenized-{key}") if cache_dir is not None else None
+    name = f"tokenized-{kind}-{key}" if kind else f"tokenized-{key}"
+    entry = Path(cache_dir, name) if cache_dir is not None else None
     if entry is not None and (entry / "report.json").exists():
-        report = DataReport(**json.loads((entry / "report.json").read_text()))
+        report = report_cls(**json.loads((entry / "report.json").read_text()))
         report.from_cache = True
         return datasets.load_from_disk(os.fspath(entry / "data")), report
 
+    token_features = datasets.Features(
+        {
+            **{f"{name}_ids": datasets.List(datasets.Value("int32")) for name in ("prompt", *responses)},
+            **extra,
+            "status": datasets.Value("string"),
+        }
+    )
     # map() on an empty dataset would drop the declared features.
-    tokenized = datasets.Dataset.from_dict({name: [] for name in _TOKEN_FEATURES}, features=_TOKEN_FEATURES)
+    tokenized = datasets.Dataset.from_dict({name: [] for name in token_features}, features=token_features)
     if len(dataset):
         tokenized = dataset.map(
             _tokenize_batch,
             batched=True,
             with_indices=True,
             remove_columns=dataset.column_names,
-            features=_TOKEN_FEATURES,
-            fn_kwargs={"tokenizer": tokenizer, "conversational": conversational, **options},
+            features=token_features,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "conversational": conversational,
+                "responses": responses,
+                "features": token_features,
+                **options,
+            },
             num_proc=num_proc,
             keep_in_memory=True,
             load_from_cache_file=False,
             new_fingerprint=key,
-            desc="Tokenizing preference pairs",
+            desc=desc,
         )
     statuses = Counter(tokenized["status"])
     truncated = statuses.pop("truncated", 0)
@@ -460,7 +498,8 @@ def tokenize_preferences(
             lambda status: status in ("", "truncated"), input_columns="status", keep_in_memory=True
         )
     tokenized = tokenized.remove_columns("status")
-    report = DataReport(len(dataset), kept, dict(statuses), truncated)
+    extra_counts = counts(tokenized) if counts else {}
+    report = report_cls(len(dataset), kept, dict(statuses), truncated, False, **extra_counts)
     if entry is not None:
         _write_cache(entry, tokenized, report)
     return tokenized, report

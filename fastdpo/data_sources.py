@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from fastdpo.errors import UserError
 
-__all__ = ["InvalidRow", "check_data_path", "describe", "source_rows"]
+__all__ = ["InvalidRow", "check_data_path", "collect_rows", "describe", "source_rows"]
 
 
 class InvalidRow(Exception):
@@ -126,3 +126,32 @@ def check_data_path(source: str | os.PathLike) -> None:
             f"{name}: unsupported file type {path.suffix.lower()!r}; expected .jsonl, .json, .parquet or a "
             "saved dataset"
         )
+
+
+def collect_rows(
+    source: Any, split: str, skip_invalid: bool, normalize: Callable[[Any], dict[str, Any]], report: Any
+) -> list[dict[str, Any]]:
+    """Reads ``source``'s rows through ``normalize`` into one format (all text or all messages).
+
+    ``report`` (a ``fastdpo.data.DataReport``) gets ``rows_read``, ``rows_kept`` and, with ``skip_invalid``,
+    the dropped rows per reason; without it an invalid row raises a ``UserError`` naming its location.
+    """
+    rows: list[dict[str, Any]] = []
+    for location, raw in source_rows(source, split):
+        report.rows_read += 1
+        try:
+            if isinstance(raw, InvalidRow):
+                raise raw
+            row = normalize(raw)
+            if rows and type(row["prompt"]) is not type(rows[0]["prompt"]):
+                raise InvalidRow(
+                    "mixed_format", "rows mix standard (string) and conversational (message) formats"
+                )
+        except InvalidRow as e:
+            if not skip_invalid:
+                raise UserError(f"{location}: {e}") from None
+            report.rows_dropped[e.reason] = report.rows_dropped.get(e.reason, 0) + 1
+            continue
+        rows.append(row)
+    report.rows_kept = len(rows)
+    return rows

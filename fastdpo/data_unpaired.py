@@ -11,44 +11,20 @@ truncates and caches them exactly as ``tokenize_preferences`` does a pair with o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from fastdpo.data import (
-    _CACHE_VERSION,
-    _MESSAGE_FEATURE,
-    DataReport,
-    _common_prefix,
-    _cut,
-    _render,
-    _text_or_messages,
-    _tokenizer_fingerprint,
-    _with_eos,
-    _write_cache,
-)
-from fastdpo.data_sources import InvalidRow, describe, source_rows
-from fastdpo.errors import UserError
+from fastdpo.data import DataReport, is_blank, rows_dataset, text_or_messages, tokenize_rows
+from fastdpo.data_sources import InvalidRow, collect_rows, describe
 
 __all__ = ["UnpairedReport", "balance_warning", "kl_completions", "load_unpaired_data", "tokenize_unpaired"]
 
 _EXPECTED = "a JSON object with 'prompt', 'completion' and 'label' (TRL's unpaired preference format)"
-_TOKEN_FEATURES = datasets.Features(
-    {
-        "prompt_ids": datasets.List(datasets.Value("int32")),
-        "completion_ids": datasets.List(datasets.Value("int32")),
-        "label": datasets.Value("bool"),
-        "status": datasets.Value("string"),
-    }
-)
 # The KTO paper's (eq. 8) range for desirable_weight * n_desirable / (undesirable_weight * n_undesirable).
 _BALANCE_RANGE = (1.0, 4 / 3)
 
@@ -88,18 +64,18 @@ def _normalize_row(row: Any) -> dict[str, Any]:
                 "missing_column", f"missing '{name}'; expected {_EXPECTED}, got keys {sorted(row)}"
             )
     label = _label(row["label"])
-    completion = _text_or_messages(row["completion"], "completion")
+    completion = text_or_messages(row["completion"], "completion")
     prompt = row["prompt"]
     if isinstance(prompt, str) and isinstance(completion, list):
         prompt = [{"role": "user", "content": prompt}]
-    prompt = _text_or_messages(prompt, "prompt")
+    prompt = text_or_messages(prompt, "prompt")
     if type(prompt) is not type(completion):
         raise InvalidRow(
             "mixed_format", "'prompt' and 'completion' must both be strings or both message lists"
         )
-    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+    if is_blank(prompt):
         raise InvalidRow("empty_prompt", "'prompt' is empty")
-    if not completion or (isinstance(completion, str) and not completion.strip()):
+    if is_blank(completion):
         raise InvalidRow("empty_response", "'completion' is empty")
     return {"prompt": prompt, "completion": completion, "label": label}
 
@@ -128,72 +104,15 @@ def load_unpaired_data(
         FileNotFoundError: Nothing exists at ``source``.
     """
     report = UnpairedReport()
-    rows: list[dict[str, Any]] = []
-    for location, raw in source_rows(source, split):
-        report.rows_read += 1
-        try:
-            if isinstance(raw, InvalidRow):
-                raise raw
-            row = _normalize_row(raw)
-            if rows and type(row["prompt"]) is not type(rows[0]["prompt"]):
-                raise InvalidRow(
-                    "mixed_format", "rows mix standard (string) and conversational (message) formats"
-                )
-        except InvalidRow as e:
-            if not skip_invalid:
-                raise UserError(f"{location}: {e}") from None
-            report.rows_dropped[e.reason] = report.rows_dropped.get(e.reason, 0) + 1
-            continue
-        rows.append(row)
-    report.rows_kept = len(rows)
+    rows = collect_rows(source, split, skip_invalid, _normalize_row, report)
     report.desirable = sum(row["label"] for row in rows)
     report.undesirable = len(rows) - report.desirable
-    column = _MESSAGE_FEATURE if rows and isinstance(rows[0]["prompt"], list) else datasets.Value("string")
-    features = datasets.Features({"prompt": column, "completion": column, "label": datasets.Value("bool")})
-    columns = {name: [row[name] for row in rows] for name in features}
-    return datasets.Dataset.from_dict(columns, features=features), report
+    return rows_dataset(rows, ("completion",), label=datasets.Value("bool")), report
 
 
-def _tokenize_batch(
-    batch: dict[str, list],
-    indices: list[int],
-    *,
-    tokenizer: PreTrainedTokenizerBase,
-    conversational: bool,
-    max_length: int,
-    max_prompt_length: int | None,
-    truncation_mode: str,
-) -> dict[str, list]:
-    if conversational:
-        rendered = [
-            _render(tokenizer, i, prompt, [completion], names=("completion",))
-            for i, prompt, completion in zip(indices, batch["prompt"], batch["completion"], strict=True)
-        ]
-        texts = [list(column) for column in zip(*rendered, strict=True)]
-    else:
-        texts = [batch["prompt"], [p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)]]
-    # Chat templates carry their own BOS; plain text gets the tokenizer's special tokens as at inference.
-    ids = [tokenizer(t, add_special_tokens=not conversational)["input_ids"] for t in texts]
-    out: dict[str, list] = {name: [] for name in _TOKEN_FEATURES}
-    for prompt, prompt_completion, label in zip(*ids, batch["label"], strict=True):
-        # Tokens can merge across the prompt/completion boundary; the prompt is what both share.
-        n = _common_prefix(prompt, prompt_completion)
-        prompt, completion = prompt[:n], prompt_completion[n:]
-        if not conversational:
-            completion = _with_eos(completion, tokenizer.eos_token_id)
-        status = ""
-        if max_prompt_length is not None and len(prompt) > max_prompt_length:
-            prompt, status = _cut(prompt, max_prompt_length, truncation_mode), "truncated"
-        budget = max_length - len(prompt)
-        if len(completion) > budget:
-            completion, status = completion[: max(budget, 0)], "truncated"
-        if budget <= 0:
-            status = "prompt_fills_max_length"
-        elif not completion:
-            status = "empty_response"
-        for name, value in zip(_TOKEN_FEATURES, (prompt, completion, label, status), strict=True):
-            out[name].append(value)
-    return out
+def _label_counts(tokenized: datasets.Dataset) -> dict[str, int]:
+    desirable = sum(tokenized["label"])
+    return {"desirable": desirable, "undesirable": len(tokenized) - desirable}
 
 
 def tokenize_unpaired(
@@ -228,83 +147,22 @@ def tokenize_unpaired(
         ValueError: Bad options, columns or tokenizer, or a chat template that does not render the prompt
             as a prefix of prompt+completion.
     """
-    if not isinstance(dataset, datasets.Dataset):
-        raise TypeError(
-            f"dataset: expected a datasets.Dataset from load_unpaired_data, got {type(dataset).__name__}"
-        )
-    if not isinstance(tokenizer, PreTrainedTokenizerBase):
-        raise TypeError(f"tokenizer: expected a transformers tokenizer, got {type(tokenizer).__name__}")
-    features = dataset.features
-    if set(features) != {"prompt", "completion", "label"} or not (
-        features["prompt"] == features["completion"]
-        and features["prompt"] in (datasets.Value("string"), _MESSAGE_FEATURE)
-    ):
-        raise ValueError(
-            "dataset: expected columns prompt/completion (both strings or both {role, content} message "
-            f"lists) and label (use load_unpaired_data), got {features}"
-        )
-    if truncation_mode not in ("keep_end", "keep_start"):
-        raise ValueError(f"truncation_mode: expected 'keep_end' or 'keep_start', got {truncation_mode!r}")
-    if max_length < 2:
-        raise ValueError(f"max_length: expected an int >= 2, got {max_length!r}")
-    if max_prompt_length is not None and max_prompt_length < 1:
-        raise ValueError(f"max_prompt_length: expected None or an int >= 1, got {max_prompt_length!r}")
-    conversational = features["prompt"] == _MESSAGE_FEATURE
-    if conversational and not tokenizer.chat_template:
-        raise UserError("tokenizer: conversational data needs a chat_template, but the tokenizer has none")
-    if not conversational and tokenizer.eos_token_id is None:
-        raise UserError("tokenizer: standard-format completions get EOS appended, but the tokenizer has none")
-
-    options = {
-        "max_length": max_length,
-        "max_prompt_length": max_prompt_length,
-        "truncation_mode": truncation_mode,
-    }
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "version": _CACHE_VERSION,
-                "kind": "unpaired",
-                "data": dataset._fingerprint,
-                "tokenizer": _tokenizer_fingerprint(tokenizer),
-                **options,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
-    entry = Path(cache_dir, f"tokenized-unpaired-{key}") if cache_dir is not None else None
-    if entry is not None and (entry / "report.json").exists():
-        report = UnpairedReport(**json.loads((entry / "report.json").read_text()))
-        report.from_cache = True
-        return datasets.load_from_disk(os.fspath(entry / "data")), report
-
-    tokenized = datasets.Dataset.from_dict({name: [] for name in _TOKEN_FEATURES}, features=_TOKEN_FEATURES)
-    if len(dataset):
-        tokenized = dataset.map(
-            _tokenize_batch,
-            batched=True,
-            with_indices=True,
-            remove_columns=dataset.column_names,
-            features=_TOKEN_FEATURES,
-            fn_kwargs={"tokenizer": tokenizer, "conversational": conversational, **options},
-            keep_in_memory=True,
-            load_from_cache_file=False,
-            new_fingerprint=key,
-            desc="Tokenizing unpaired feedback",
-        )
-    statuses = Counter(tokenized["status"])
-    truncated = statuses.pop("truncated", 0)
-    kept = truncated + statuses.pop("", 0)
-    if statuses:
-        tokenized = tokenized.filter(
-            lambda status: status in ("", "truncated"), input_columns="status", keep_in_memory=True
-        )
-    tokenized = tokenized.remove_columns("status")
-    desirable = sum(tokenized["label"])
-    report = UnpairedReport(len(dataset), kept, dict(statuses), truncated, False, desirable, kept - desirable)
-    if entry is not None:
-        _write_cache(entry, tokenized, report)
-    return tokenized, report
+    return tokenize_rows(
+        dataset,
+        tokenizer,
+        responses=("completion",),
+        loader="load_unpaired_data",
+        columns="columns prompt/completion (both strings or both {role, content} message lists) and label",
+        desc="Tokenizing unpaired feedback",
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        truncation_mode=truncation_mode,
+        cache_dir=cache_dir,
+        extra=datasets.Features({"label": datasets.Value("bool")}),
+        kind="unpaired",
+        report_cls=UnpairedReport,
+        counts=_label_counts,
+    )
 
 
 def balance_warning(

@@ -6,6 +6,7 @@ WordLevel tokenizer and an in-memory unpaired dataset (prompt / completion / lab
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -21,13 +22,13 @@ pytest.importorskip("trl")
 import test_trl_integration  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from test_trl_integration import (  # noqa: E402
-    BATCH,
     WORDS,
     _assert_same,
     _model,
     _one_batch,
     _states,
     _tokenizer,
+    _train_two_steps,
 )
 from trl import KTOConfig, KTOTrainer  # noqa: E402
 
@@ -36,6 +37,9 @@ from fastdpo.integrations.trl import FastKTOTrainer  # noqa: E402
 
 # The fixture that makes TRL's own head fail, so the fast trainer's numbers provably come from fastdpo.
 no_trl_head = test_trl_integration.no_trl_head
+# One intra-op thread and no FASTDPO_BACKEND, for every test here as there.
+_setup = test_trl_integration._setup
+_args = functools.partial(test_trl_integration._args, config_cls=KTOConfig)
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
@@ -46,16 +50,6 @@ CASES = {
     "weights": {"desirable_weight": 1.33, "undesirable_weight": 0.75, "beta": 0.3},
     "gradient_checkpointing": {"gradient_checkpointing": True},
 }
-
-
-@pytest.fixture(autouse=True)
-def _setup(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("TQDM_DISABLE", "1")
-    monkeypatch.delenv("FASTDPO_BACKEND", raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _kto_states() -> tuple[dict, dict]:
@@ -81,21 +75,6 @@ def _dataset(rows: int = 8, seed: int = 0) -> Dataset:
             for i in range(rows)
         ]
     )
-
-
-def _args(tmp_path: Path, **overrides) -> KTOConfig:
-    settings = {
-        "output_dir": str(tmp_path),
-        "report_to": [],
-        "use_cpu": True,
-        "bf16": False,
-        "per_device_train_batch_size": BATCH,
-        "gradient_checkpointing": False,
-        "save_strategy": "no",
-        "disable_tqdm": True,
-        **overrides,
-    }
-    return KTOConfig(**settings)
 
 
 def _run(
@@ -280,22 +259,8 @@ def test_version_guard(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_train_two_steps_and_evaluate(tmp_path: Path, no_trl_head) -> None:
     no_trl_head()
-    policy, reference = _kto_states()
-    model = _model(policy)
-    trainer = FastKTOTrainer(
-        model=model,
-        ref_model=_model(reference),
-        args=_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2),
-        train_dataset=_dataset(),
-        eval_dataset=_dataset(rows=4, seed=1),
-        processing_class=_tokenizer(),
-    )
-    trainer.train()
-    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    assert len(logs) == 2
-    for entry in logs:
-        assert math.isfinite(entry["loss"]) and {"kl", "rewards/chosen", "logps/rejected"} <= set(entry)
-    assert not torch.equal(model.lm_head.weight.detach(), policy["lm_head.weight"])
+    keys = {"kl", "rewards/chosen", "logps/rejected"}
+    trainer, _ = _train_two_steps(FastKTOTrainer, tmp_path, _kto_states(), _dataset, _args, keys)
     evaluation = trainer.evaluate()
     assert math.isfinite(evaluation["eval_loss"]) and "eval_kl" in evaluation
 

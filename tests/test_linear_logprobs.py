@@ -181,6 +181,23 @@ def test_is_argmax_ties_go_to_the_first_maximum(path):
     assert got.is_argmax.tolist() == [True, False, False, False]
 
 
+@pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("others", [0, 3], ids=["all-rows-tied", "few-rows-tied"])
+def test_is_argmax_ties_inside_one_chunk(path, others):
+    """Weight rows 400 and 500 tie inside one vocab chunk (the torch fold scans all rows, or copies few)."""
+    backend, impl = path
+    d, v = 16, 900
+    hidden = torch.ones(2 + others, d)
+    weight = torch.randn(v, d, generator=torch.Generator().manual_seed(1)) * 0.01
+    weight[[400, 500]] = 1.0
+    targets = torch.tensor([500, 400] + [5, 450, 899][:others])
+    dev = _device(backend)
+    got = linear_logprobs(
+        hidden.to(dev), weight.to(dev), targets.to(dev), backend=backend, impl=impl, stats=True
+    )
+    assert got.is_argmax.tolist() == [False, True] + [False] * others
+
+
 @pytest.mark.skipif(not _INTERPRET, reason="split count is forced only for the interpreter check")
 def test_fused_vocab_splits_fold_exactly():
     """Several vocab splits (as on a large GPU) give the single-split result, statistics included."""

@@ -24,7 +24,7 @@ pytest.importorskip("trl")
 import trl  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments  # noqa: E402
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from fastdpo.integrations.trl import FastDPOTrainer, check_trl_version  # noqa: E402
@@ -133,7 +133,8 @@ def _model(state: dict, tie: bool = False, vocab: int = len(VOCAB)) -> LlamaForC
     return model
 
 
-def _args(tmp_path: Path, **overrides) -> DPOConfig:
+def _args(tmp_path: Path, config_cls: type = DPOConfig, **overrides) -> TrainingArguments:
+    """A CPU ``config_cls`` (``DPOConfig`` or TRL's ``KTOConfig``) for one tiny run in ``tmp_path``."""
     settings = {
         "output_dir": str(tmp_path),
         "report_to": [],
@@ -145,7 +146,7 @@ def _args(tmp_path: Path, **overrides) -> DPOConfig:
         "disable_tqdm": True,
         **overrides,
     }
-    return DPOConfig(**settings)
+    return config_cls(**settings)
 
 
 def _one_batch(trainer: DPOTrainer) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
@@ -606,24 +607,32 @@ def test_full_determinism_picks_the_chunked_impl(tmp_path: Path, monkeypatch: py
     assert impls == ["chunked", "fused", None]
 
 
-def test_train_two_steps(tmp_path: Path, no_trl_head) -> None:
-    no_trl_head()
-    policy, reference = _states()
+def _train_two_steps(cls, tmp_path: Path, states: tuple[dict, dict], data, args, keys: set[str]):
+    """Trains a ``cls`` two logged steps on ``data(rows, seed)`` with ``args(tmp_path, ...)``; checks each
+    logged step has a finite loss and ``keys``, and that the head moved. Returns the trainer and model."""
+    policy, reference = states
     model = _model(policy)
-    trainer = FastDPOTrainer(
+    trainer = cls(
         model=model,
         ref_model=_model(reference),
-        args=_args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2),
-        train_dataset=_dataset(),
-        eval_dataset=_dataset(rows=4, seed=1),
+        args=args(tmp_path, max_steps=2, logging_steps=1, learning_rate=1e-2),
+        train_dataset=data(),
+        eval_dataset=data(rows=4, seed=1),
         processing_class=_tokenizer(),
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2
     for entry in logs:
-        assert math.isfinite(entry["loss"]) and {"rewards/margins", "entropy", "logps/chosen"} <= set(entry)
+        assert math.isfinite(entry["loss"]) and keys <= set(entry)
     assert not torch.equal(model.lm_head.weight.detach(), policy["lm_head.weight"])
+    return trainer, model
+
+
+def test_train_two_steps(tmp_path: Path, no_trl_head) -> None:
+    no_trl_head()
+    keys = {"rewards/margins", "entropy", "logps/chosen"}
+    trainer, model = _train_two_steps(FastDPOTrainer, tmp_path, _states(), _dataset, _args, keys)
     evaluation = trainer.evaluate()
     assert math.isfinite(evaluation["eval_loss"]) and "eval_rewards/accuracies" in evaluation
     # Generation still runs the model's own forward.

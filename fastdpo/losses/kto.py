@@ -258,6 +258,10 @@ class FusedLinearKTOLoss(nn.Module):
         self.ignore_index = int(ignore_index)
         self.average_log_prob = bool(average_log_prob)
 
+    def _token_options(self) -> dict[str, int | bool]:
+        """``_sequence_tokens``'s keyword arguments from this loss's settings."""
+        return {"ignore_index": self.ignore_index, "average": self.average_log_prob}
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -306,16 +310,7 @@ class FusedLinearKTOLoss(nn.Module):
         """
         # Under autocast the tensors stay uncast (e.g. fp32 hidden states and master weight): the head casts
         # each chunk to the autocast dtype and returns gradients in the dtypes passed here.
-        tokens = _sequence_tokens(
-            hidden,
-            weight,
-            bias,
-            labels,
-            seq_index,
-            num_seqs,
-            ignore_index=self.ignore_index,
-            average=self.average_log_prob,
-        )
+        tokens = _sequence_tokens(hidden, weight, bias, labels, seq_index, num_seqs, **self._token_options())
         s, device = tokens.num_seqs, hidden.device
         desirable = check_preference_labels(preference_labels, s, device)
         r_weight = weight if ref_weight is None else ref_weight
@@ -437,15 +432,9 @@ class FusedLinearKTOLoss(nn.Module):
                 "requires a per-device batch size > 1: with one sequence the KL term equals the implied "
                 "reward); pass kl explicitly or batch more sequences"
             )
+        kl_seqs = num_seqs if kl_seq_index is not None else None
         kl_tokens = _sequence_tokens(
-            kl_hidden,
-            weight,
-            bias,
-            kl_labels,
-            kl_seq_index,
-            num_seqs if kl_seq_index is not None else None,
-            ignore_index=self.ignore_index,
-            average=self.average_log_prob,
+            kl_hidden, weight, bias, kl_labels, kl_seq_index, kl_seqs, **self._token_options()
         )
         if kl_tokens.num_seqs != num_seqs:
             raise ValueError(
@@ -477,16 +466,7 @@ class FusedLinearKTOLoss(nn.Module):
         Returns:
             ``[S]`` fp32 tensor.
         """
-        tokens = _sequence_tokens(
-            hidden,
-            weight,
-            bias,
-            labels,
-            seq_index,
-            num_seqs,
-            ignore_index=self.ignore_index,
-            average=self.average_log_prob,
-        )
+        tokens = _sequence_tokens(hidden, weight, bias, labels, seq_index, num_seqs, **self._token_options())
         return scored_logps(tokens.hidden2d, weight, bias, tokens, self.head)
 
     def extra_repr(self) -> str:

@@ -74,7 +74,7 @@ def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
     """fp32 ``[K, M]`` running state: max, sum_exp, target, and with stats sum_exp_z, sum_exp2, sum_z,
     max_before.
 
-    ``sum_exp*`` are relative to the running max; ``max_before`` is the largest logit left of the target.
+    ``sum_exp*`` are relative to the running max; ``max_before`` is as in ``Partials``.
     """
     fill = [float("-inf"), 0.0, 0.0] + ([0.0, 0.0, 0.0, float("-inf")] if stats else [])
     return torch.tensor(fill, device=device, dtype=torch.float32)[:, None].repeat(1, m)
@@ -93,17 +93,20 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
     n_cols = z.shape[1]
     inside = (local >= 0) & (local < n_cols)
     chunk_max = z.amax(-1)
+    picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
     if has_stats:
         sum_exp_z, sum_exp2, sum_z, max_before = state[3], state[4], state[5], state[6]
         sum_z += z.sum(-1)
-        # The largest logit left of the target: the whole chunk for rows whose target lies further
-        # right, a masked max only for the few rows whose target lies inside the chunk.
+        # max_before only decides ``target > max_before`` (see Partials): a chunk wholly left of the
+        # target adds its max. Inside the target's chunk only a target equal to the chunk's max can be the
+        # first maximum, so only those rows (usually few) are scanned; where an equal logit lies left of
+        # the target, that logit is the exact largest one left of it.
         max_before.copy_(torch.where(local >= n_cols, torch.maximum(max_before, chunk_max), max_before))
-        rows = inside.nonzero()[:, 0]
-        left = torch.arange(n_cols, device=z.device) < local[rows, None]
-        max_left = z[rows].masked_fill_(~left, float("-inf")).amax(-1)
-        max_before[rows] = torch.maximum(max_before[rows], max_left)
-    picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
+        rows = (inside & (picked == chunk_max)).nonzero()[:, 0]
+        # argmax gives the first maximum. Scanning the whole chunk costs less than copying out most of it.
+        first = z.argmax(-1)[rows] if 2 * rows.numel() > z.shape[0] else z[rows].argmax(-1)
+        late = rows[first < local[rows]]
+        max_before[late] = torch.maximum(max_before[late], picked[late])
     target.copy_(torch.where(inside, picked, target))
     new_max = torch.maximum(run_max, chunk_max)
     rescale = torch.exp(run_max - new_max)

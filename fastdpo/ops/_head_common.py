@@ -48,7 +48,8 @@ class Partials(NamedTuple):
     ``lse``: log-sum-exp of the part; ``target``: the target logit if the target lies in the part, else 0;
     ``mean_z``: ``sum(p_j * z_j)`` with ``p`` the part's own softmax; ``log_sum_p2``: ``log sum p_j**2``
     under that softmax; ``sum_z``: ``sum(z_j)``; ``max_before``: the largest logit left of the target
-    (``-inf`` if none); ``max_z``: the part's largest logit. The statistics are None when not requested.
+    (``-inf`` if none), or a lower bound of it that is exact wherever it reaches the target (all that
+    ``is_argmax`` needs); ``max_z``: the part's largest logit. The statistics are None when not requested.
     """
 
     lse: torch.Tensor

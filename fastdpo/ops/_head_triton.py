@@ -258,6 +258,9 @@ def fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
     """The Triton twin of ``_head_chunked.torch_fold_backward``: one program per (row, FOLD_BLOCK columns)."""
     from fastdpo.kernels.chunked_logprobs import _chunked_logprobs_bwd_kernel
 
+    # Under TRITON_INTERPRET=1 a bf16 tile differs from the torch fold's in about half its entries, by one
+    # bf16 ulp: the interpreter casts fp32 to bf16 by truncation (triton 3.9's ``cast_impl``), where the GPU
+    # and torch round to nearest even. The kernel is right: fp16 tiles match the torch fold's bit for bit.
     _chunked_logprobs_bwd_kernel[(tile.shape[0], cdiv(tile.shape[1], FOLD_BLOCK))](
         tile, tile.stride(0), targets, lse, grad, tile.shape[1], v0, inv_temp, softcap or 1.0, scale,
         HAS_SOFTCAP=softcap is not None, IS_INTERPRETED=interpreting(), BLOCK=FOLD_BLOCK,

@@ -38,7 +38,7 @@ from fastdpo.losses import FusedLinearKTOLoss, KTOLossOutput
 from fastdpo.packing import IGNORE_INDEX, PackedBatch, pack_pairs, pack_sequences, pair_num_tokens
 from fastdpo.train.config import TrainConfig
 from fastdpo.train.forward import PackedForward
-from fastdpo.train.plan import Split, split_bins
+from fastdpo.train.plan import Split, split_bins, tokenized_splits
 
 __all__ = [
     "KTO_METRIC_NAMES",
@@ -122,19 +122,9 @@ def load_unpaired_splits(
 ) -> tuple[UnpairedSplit, UnpairedSplit | None]:
     """The train and eval splits of unpaired data (``load_splits``'s sources and options), with their
     fixed bins under ``kto``; logs the label counts and warns when they are out of balance."""
-    train, train_report = _tokenize(config, tokenizer, cache_dir, config.data, config.split)
-    held_out = None
-    if config.eval_data or config.eval_split:
-        source = config.eval_data or config.data
-        held_out, _ = _tokenize(config, tokenizer, cache_dir, source, config.eval_split or config.split)
-    elif config.eval_fraction:
-        order = np.random.default_rng(config.seed).permutation(len(train))
-        num_eval = max(1, round(config.eval_fraction * len(train)))
-        if num_eval >= len(train):
-            raise ValueError(
-                f"eval_fraction: {config.eval_fraction} of {len(train)} examples leaves none to train on"
-            )
-        train, held_out = train.select(np.sort(order[num_eval:])), train.select(np.sort(order[:num_eval]))
+    train, held_out = tokenized_splits(
+        config, tokenizer, cache_dir, load_unpaired_data, tokenize_unpaired, "examples", "examples"
+    )
     labels = np.asarray(train["label"], dtype=bool)
     warning = balance_warning(
         int(labels.sum()), int((~labels).sum()), config.desirable_weight, config.undesirable_weight
@@ -143,25 +133,6 @@ def load_unpaired_splits(
         logger.warning("%s [%s]: %s", config.data, config.split, warning)
     eval_split = None if held_out is None else _split("eval", held_out, config)
     return _split("train", train, config), eval_split
-
-
-def _tokenize(
-    config: TrainConfig, tokenizer: Any, cache_dir: Path, source: str, split: str
-) -> tuple[Any, Any]:
-    raw, report = load_unpaired_data(source, split=split, skip_invalid=config.skip_invalid)
-    logger.info("%s [%s]: %s", source, split, report)
-    data, report = tokenize_unpaired(
-        raw,
-        tokenizer,
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-        truncation_mode=config.truncation_mode,
-        cache_dir=cache_dir,
-    )
-    logger.info("%s [%s] tokenized: %s", source, split, report)
-    if len(data) == 0:
-        raise ValueError(f"{source} [{split}]: no usable examples after tokenization ({report})")
-    return data, report
 
 
 def _split(name: str, data: Any, config: TrainConfig) -> UnpairedSplit:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from fastdpo.data import load_preference_data, tokenize_preferences
 from fastdpo.packing import PackedBatch, pack_pairs, pair_num_tokens, plan_bins
 from fastdpo.train.config import TrainConfig
 
-__all__ = ["Split", "epoch_plan", "load_splits", "split_bins"]
+__all__ = ["Split", "epoch_plan", "load_splits", "split_bins", "tokenized_splits"]
 
 logger = logging.getLogger("fastdpo")
 _ID_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
@@ -58,37 +59,57 @@ class Split:
 
 def load_splits(config: TrainConfig, tokenizer: Any, cache_dir: Path) -> tuple[Split, Split | None]:
     """The train split and the eval split (None without eval pairs), tokenized through ``cache_dir``."""
-    train, held_out = _tokenize(config, tokenizer, cache_dir, config.data, config.split), None
+    train, held_out = tokenized_splits(
+        config, tokenizer, cache_dir, load_preference_data, tokenize_preferences, "pairs", "preference pairs"
+    )
+    shared = config.shared_prompt
+    return _split("train", train, shared), None if held_out is None else _split("eval", held_out, shared)
+
+
+def tokenized_splits(
+    config: TrainConfig,
+    tokenizer: Any,
+    cache_dir: Path,
+    load: Callable[..., tuple[Any, Any]],
+    tokenize: Callable[..., tuple[Any, Any]],
+    noun: str,
+    usable: str,
+) -> tuple[Any, Any | None]:
+    """The tokenized train rows and the eval rows (None without eval data) of ``config``'s sources.
+
+    ``load`` / ``tokenize`` are ``fastdpo.data``'s (pairs) or ``fastdpo.data_unpaired``'s functions;
+    ``eval_fraction`` holds out a seeded random share of the train rows. ``noun`` / ``usable`` name the
+    rows in errors.
+    """
+
+    def tokenized(source: str, split: str) -> Any:
+        raw, report = load(source, split=split, skip_invalid=config.skip_invalid)
+        logger.info("%s [%s]: %s", source, split, report)
+        data, report = tokenize(
+            raw,
+            tokenizer,
+            max_length=config.max_length,
+            max_prompt_length=config.max_prompt_length,
+            truncation_mode=config.truncation_mode,
+            cache_dir=cache_dir,
+        )
+        logger.info("%s [%s] tokenized: %s", source, split, report)
+        if len(data) == 0:
+            raise ValueError(f"{source} [{split}]: no usable {usable} after tokenization ({report})")
+        return data
+
+    train, held_out = tokenized(config.data, config.split), None
     if config.eval_data or config.eval_split:
-        source = config.eval_data or config.data
-        held_out = _tokenize(config, tokenizer, cache_dir, source, config.eval_split or config.split)
+        held_out = tokenized(config.eval_data or config.data, config.eval_split or config.split)
     elif config.eval_fraction:
         order = np.random.default_rng(config.seed).permutation(len(train))
         num_eval = max(1, round(config.eval_fraction * len(train)))
         if num_eval >= len(train):
             raise ValueError(
-                f"eval_fraction: {config.eval_fraction} of {len(train)} pairs leaves none to train on"
+                f"eval_fraction: {config.eval_fraction} of {len(train)} {noun} leaves none to train on"
             )
         train, held_out = train.select(np.sort(order[num_eval:])), train.select(np.sort(order[:num_eval]))
-    shared = config.shared_prompt
-    return _split("train", train, shared), None if held_out is None else _split("eval", held_out, shared)
-
-
-def _tokenize(config: TrainConfig, tokenizer: Any, cache_dir: Path, source: str, split: str) -> Any:
-    raw, report = load_preference_data(source, split=split, skip_invalid=config.skip_invalid)
-    logger.info("%s [%s]: %s", source, split, report)
-    data, report = tokenize_preferences(
-        raw,
-        tokenizer,
-        max_length=config.max_length,
-        max_prompt_length=config.max_prompt_length,
-        truncation_mode=config.truncation_mode,
-        cache_dir=cache_dir,
-    )
-    logger.info("%s [%s] tokenized: %s", source, split, report)
-    if len(data) == 0:
-        raise ValueError(f"{source} [{split}]: no usable preference pairs after tokenization ({report})")
-    return data
+    return train, held_out
 
 
 def _split(name: str, data: Any, shared_prompt: bool) -> Split:

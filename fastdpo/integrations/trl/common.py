@@ -10,6 +10,7 @@ gradient all-reduce armed for the loss's backward.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 from collections.abc import Callable, Iterable, Mapping
@@ -22,10 +23,12 @@ import transformers
 from packaging.version import Version
 from torch import nn
 from torch.distributed.tensor import DTensor
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
 try:
     import trl
     from accelerate.utils import is_peft_model
+    from trl.trainer.utils import use_adapter
 except ImportError as exc:  # pragma: no cover - exercised only without trl installed
     raise ImportError(
         "fastdpo.integrations.trl needs trl 1.16.x: pip install 'fastdpo[trl]' (or 'trl>=1.16,<1.17')"
@@ -202,3 +205,97 @@ def completion_labels(input_ids: torch.Tensor, completion_mask: torch.Tensor) ->
 def gathered_mean(accelerator: Any, values: torch.Tensor) -> float:
     """Mean over every process's ``values``, as TRL logs its per-sequence metrics."""
     return accelerator.gather(values).mean().item()
+
+
+def check_trainer_options(backend: str | None, impl: str | None) -> None:
+    """Raises unless trl is 1.16.x and ``backend`` / ``impl`` are ones fastdpo's head knows."""
+    check_trl_version()
+    check_backend(backend)
+    if impl not in (None, "fused", "chunked"):
+        raise ValueError(f"impl must be None, 'fused' or 'chunked', got {impl!r}")
+
+
+def check_not_zero3(trainer: str, fallback: str) -> None:
+    """Raises ``ValueError`` under DeepSpeed ZeRO-3, naming ``trainer`` and the stock ``fallback``."""
+    if is_deepspeed_zero3_enabled():
+        raise ValueError(
+            f"DeepSpeed ZeRO-3 is not supported by {trainer}: the fused loss's backward reads the "
+            "full lm_head weight, which ZeRO-3 keeps partitioned outside lm_head's own forward; use "
+            f"ZeRO-1/2, or {fallback}"
+        )
+
+
+def head_impl(impl: str | None, args: Any) -> str | None:
+    """The head impl asked for, else ``"chunked"`` under ``args.full_determinism`` (bitwise reproducible)."""
+    return "chunked" if impl is None and args.full_determinism else impl
+
+
+def ref_adapter(trainer: Any) -> contextlib.AbstractContextManager:
+    """As TRL: with no ``ref_model``, a PEFT policy scores the reference with its ``"ref"`` adapter or none.
+    """
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+    return contextlib.nullcontext()
+
+
+def token_stats_grid(
+    targets: torch.Tensor, stats: Any, fields: Iterable[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
+    """The loss's per-token ``stats`` (one value per scored token, row-major) on TRL's ``[rows, T - 1]`` grid.
+
+    ``fields`` pairs each output name with its ``stats`` attribute; values are zero where ``targets`` are
+    ignored. Empty when the loss gave no stats.
+    """
+    if stats is None:
+        return {}
+    mask = targets != IGNORE_INDEX
+    return {
+        name: getattr(stats, attr).new_zeros(mask.shape).masked_scatter(mask, getattr(stats, attr))[:, :-1]
+        for name, attr in fields
+    }
+
+
+def log_token_metrics(
+    trainer: Any, mode: str, inputs: Mapping[str, Any], entropy: torch.Tensor | None
+) -> torch.Tensor:
+    """Appends TRL's ``entropy`` and ``num_tokens`` metrics, gathered as TRL 1.16 gathers them.
+
+    Returns:
+        The shifted completion mask ``[rows, T - 1]`` the other per-token metrics use.
+    """
+    acc, metrics = trainer.accelerator, trainer._metrics[mode]
+    shift_completion_mask = inputs["completion_mask"][:, 1:]
+    if entropy is not None:
+        entropy_sum = (entropy[:, -shift_completion_mask.size(1) :] * shift_completion_mask).sum()
+        total_tokens = acc.gather_for_metrics(shift_completion_mask.sum()).sum()
+        entropy_sum = acc.gather_for_metrics(entropy_sum).sum()
+        metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
+    if mode == "train":
+        num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+        trainer._total_train_tokens += num_tokens // trainer._tp_size
+    metrics["num_tokens"] = [trainer._total_train_tokens]
+    return shift_completion_mask
+
+
+def policy_loss(
+    trainer: Any, model: nn.Module, mode: str, inputs: Mapping[str, Any], exclude: Iterable[str], request: Any
+) -> tuple[torch.Tensor, Any, dict[str, Any]]:
+    """The policy forward with ``request``: ``(loss, outputs, model kwargs)``, TRL's router loss included.
+
+    With ``aux_loss_enabled`` the MoE router loss, weighted by ``router_aux_loss_coef``, joins the loss and
+    is logged as ``aux_loss``.
+    """
+    model_kwargs = model_inputs(inputs, exclude)
+    if trainer.aux_loss_enabled:
+        model_kwargs["output_router_logits"] = True
+    labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
+    # `model` is what the Trainer wraps (DDP in multi-process runs): calling it, rather than the unwrapped
+    # module, is what keeps DDP's gradient all-reduce armed for this backward (see the module docstring).
+    outputs = model(**model_kwargs, labels=labels, fastdpo=request)
+    loss = outputs.loss
+    if trainer.aux_loss_enabled:
+        loss = loss + trainer.router_aux_loss_coef * outputs.aux_loss
+        aux = trainer.accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
+        trainer._metrics[mode]["aux_loss"].append(aux)
+    return loss, outputs, model_kwargs

@@ -9,33 +9,33 @@ metric names and their cross-process gathering are TRL's own.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from torch import nn
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from fastdpo.integrations.trl.common import (
     HeadInputs,
-    check_backend,
-    check_trl_version,
+    check_not_zero3,
+    check_trainer_options,
     completion_labels,
     gathered_mean,
+    head_impl,
     head_owner,
     install_fused_head,
+    log_token_metrics,
     logit_transform,
     model_inputs,
+    policy_loss,
+    ref_adapter,
+    token_stats_grid,
 )
 from fastdpo.losses import FusedLinearDPOLoss, PreferenceLossOutput, sequence_logps
-from fastdpo.packing import IGNORE_INDEX
 
 __all__ = ["TRL_LOSS_TYPES", "FastDPOModelOutput", "FastDPOTrainer"]
 
@@ -128,18 +128,11 @@ class _Request:
             ref_chosen_logps=self.ref_chosen_logps,
             ref_rejected_logps=self.ref_rejected_logps,
         )
-        per_token: dict[str, torch.Tensor] = {}
-        if result.token_stats is not None:
-            # The loss's own pass over the vocabulary gave one value per scored token, in row-major order;
-            # they go back onto TRL's [2B, T - 1] grid.
-            mask = head.targets != IGNORE_INDEX
-            stats = result.token_stats
-            for name, values in (
-                ("entropy", stats.entropy),
-                ("mean_logits", stats.mean_logit),
-                ("is_top1", stats.is_argmax),
-            ):
-                per_token[name] = values.new_zeros(mask.shape).masked_scatter(mask, values)[:, :-1]
+        per_token = token_stats_grid(
+            head.targets,
+            result.token_stats,
+            (("entropy", "entropy"), ("mean_logits", "mean_logit"), ("is_top1", "is_argmax")),
+        )
         # Built in one go: ModelOutput keeps only the fields given at construction in its dict, and the dict
         # is what DDP searches for the loss.
         return FastDPOModelOutput(
@@ -212,10 +205,7 @@ class FastDPOTrainer(DPOTrainer):
         filter_eps: float | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        check_trl_version()
-        check_backend(backend)
-        if impl not in (None, "fused", "chunked"):
-            raise ValueError(f"impl must be None, 'fused' or 'chunked', got {impl!r}")
+        check_trainer_options(backend, impl)
         # Set before TRL's __init__, which may precompute reference log-probs through compute_ref_log_probs.
         self.rpo_alpha = rpo_alpha
         self.reference_free = bool(reference_free)
@@ -224,12 +214,7 @@ class FastDPOTrainer(DPOTrainer):
         self.fastdpo_impl = impl
         super().__init__(*args, **kwargs)
 
-        if is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "DeepSpeed ZeRO-3 is not supported by FastDPOTrainer: the fused loss's backward reads the "
-                "full lm_head weight, which ZeRO-3 keeps partitioned outside lm_head's own forward; use "
-                "ZeRO-1/2, or trl.DPOTrainer"
-            )
+        check_not_zero3("FastDPOTrainer", "trl.DPOTrainer")
         unknown = [t for t in self.loss_types if t not in TRL_LOSS_TYPES]
         if unknown:
             raise ValueError(
@@ -260,9 +245,7 @@ class FastDPOTrainer(DPOTrainer):
 
     def _head_impl(self) -> str | None:
         """The head impl asked for, else ``"chunked"`` under ``full_determinism`` (bitwise reproducible)."""
-        if self.fastdpo_impl is None and self.args.full_determinism:
-            return "chunked"
-        return self.fastdpo_impl
+        return head_impl(self.fastdpo_impl, self.args)
 
     def compute_ref_log_probs(
         self, model: nn.Module, inputs: Mapping[str, Any]
@@ -275,17 +258,11 @@ class FastDPOTrainer(DPOTrainer):
         install_fused_head(head_owner(self.accelerator, model))
         model_kwargs = model_inputs(inputs, _NON_MODEL_KEYS)
         labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(
-                unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
-            )
         request = _Request(ld_alpha=self.ld_alpha, backend=self.fastdpo_backend, impl=self._head_impl())
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            ref_adapter(self),
             self.accelerator.autocast(),
         ):
             outputs = model(**model_kwargs, labels=labels, fastdpo=request)
@@ -296,11 +273,6 @@ class FastDPOTrainer(DPOTrainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """TRL's ``_compute_loss`` with fastdpo's forward and loss; TRL's metrics, gathered as TRL does."""
         mode = "train" if self.model.training else "eval"
-        model_kwargs = model_inputs(inputs, _NON_MODEL_KEYS)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-
         ref_chosen_logps = ref_rejected_logps = None
         if self.precompute_ref_logps and not self.reference_free:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -313,15 +285,7 @@ class FastDPOTrainer(DPOTrainer):
             ref_chosen_logps=ref_chosen_logps,
             ref_rejected_logps=ref_rejected_logps,
         )
-        # `model` is what the Trainer wraps (DDP in multi-process runs): calling it, rather than the unwrapped
-        # module, is what keeps DDP's gradient all-reduce armed for this backward (see common.py).
-        outputs = model(**model_kwargs, labels=labels, fastdpo=request)
-        loss = outputs.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item()
-            )
+        loss, outputs, model_kwargs = policy_loss(self, model, mode, inputs, _NON_MODEL_KEYS, request)
         self._log_metrics(mode, inputs, outputs)
 
         if return_outputs:
@@ -333,20 +297,9 @@ class FastDPOTrainer(DPOTrainer):
         """Appends TRL's metrics for one batch, gathered across processes exactly as TRL 1.16 gathers them."""
         acc = self.accelerator
         metrics = self._metrics[mode]
-        shift_completion_mask = inputs["completion_mask"][..., 1:]
+        shift_completion_mask = log_token_metrics(self, mode, inputs, outputs.entropy)
         seq_len = shift_completion_mask.size(1)
         chosen_mask, rejected_mask = shift_completion_mask.chunk(2, dim=0)
-
-        if outputs.entropy is not None:
-            entropy_sum = (outputs.entropy[:, -seq_len:] * shift_completion_mask).sum()
-            total_tokens = acc.gather_for_metrics(shift_completion_mask.sum()).sum()
-            entropy_sum = acc.gather_for_metrics(entropy_sum).sum()
-            metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
-
-        if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
 
         if outputs.mean_logits is not None:
             chosen_logits, rejected_logits = outputs.mean_logits[:, -seq_len:].chunk(2, dim=0)

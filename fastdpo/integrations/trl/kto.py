@@ -10,32 +10,32 @@ at 0), the metric names and their cross-process gathering are TRL's own.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from torch import nn
-from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.utils import ModelOutput
 from trl import KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
 
 from fastdpo.integrations.trl.common import (
     HeadInputs,
-    check_backend,
-    check_trl_version,
+    check_not_zero3,
+    check_trainer_options,
     completion_labels,
+    head_impl,
     head_owner,
     install_fused_head,
+    log_token_metrics,
     logit_transform,
     model_inputs,
+    policy_loss,
+    ref_adapter,
+    token_stats_grid,
 )
 from fastdpo.losses.kto import KTO_LOSS_TYPES, FusedLinearKTOLoss, KTOLossOutput
-from fastdpo.packing import IGNORE_INDEX
 
 __all__ = ["FastKTOModelOutput", "FastKTOTrainer"]
 
@@ -102,14 +102,9 @@ class _Request:
             ref_logps=self.ref_logps,
             kl=self.kl,
         )
-        per_token: dict[str, torch.Tensor] = {}
-        if result.token_stats is not None:
-            # The loss's own pass over the vocabulary gave one value per scored token, in row-major order;
-            # they go back onto TRL's [S, T - 1] grid.
-            mask = head.targets != IGNORE_INDEX
-            stats = result.token_stats
-            for name, values in (("entropy", stats.entropy), ("mean_logits", stats.mean_logit)):
-                per_token[name] = values.new_zeros(mask.shape).masked_scatter(mask, values)[:, :-1]
+        per_token = token_stats_grid(
+            head.targets, result.token_stats, (("entropy", "entropy"), ("mean_logits", "mean_logit"))
+        )
         # Built in one go: ModelOutput keeps only the fields given at construction in its dict, and the dict
         # is what DDP searches for the loss.
         return FastKTOModelOutput(
@@ -163,10 +158,7 @@ class FastKTOTrainer(KTOTrainer):
         filter_eps: float | str | None = "auto",
         **kwargs: Any,
     ) -> None:
-        check_trl_version()
-        check_backend(backend)
-        if impl not in (None, "fused", "chunked"):
-            raise ValueError(f"impl must be None, 'fused' or 'chunked', got {impl!r}")
+        check_trainer_options(backend, impl)
         # Set before TRL's __init__, which may precompute reference log-probs through compute_ref_log_probs.
         self.logit_metrics = bool(logit_metrics)
         self.fastdpo_backend = backend
@@ -174,12 +166,7 @@ class FastKTOTrainer(KTOTrainer):
         self.fastdpo_filter_eps = filter_eps
         super().__init__(*args, **kwargs)
 
-        if is_deepspeed_zero3_enabled():
-            raise ValueError(
-                "DeepSpeed ZeRO-3 is not supported by FastKTOTrainer: the fused loss's backward reads the "
-                "full lm_head weight, which ZeRO-3 keeps partitioned outside lm_head's own forward; use "
-                "ZeRO-1/2, or trl.KTOTrainer"
-            )
+        check_not_zero3("FastKTOTrainer", "trl.KTOTrainer")
         if self._is_vision_dataset:
             raise ValueError(
                 "vision datasets are not supported by FastKTOTrainer: fastdpo's head scores text-only "
@@ -196,8 +183,6 @@ class FastKTOTrainer(KTOTrainer):
     def _kto_loss(self, model: nn.Module, stats: bool = False) -> FusedLinearKTOLoss:
         """The fused loss with this trainer's settings and the model's final-logit soft-capping."""
         _, softcap = logit_transform(model.config.get_text_config())
-        # As FastDPOTrainer: "chunked" under full_determinism (bitwise reproducible) unless asked otherwise.
-        impl = "chunked" if self.fastdpo_impl is None and self.args.full_determinism else self.fastdpo_impl
         return FusedLinearKTOLoss(
             beta=self.beta,
             loss_type=self.loss_type,
@@ -206,7 +191,7 @@ class FastKTOTrainer(KTOTrainer):
             backend=self.fastdpo_backend,
             softcap=softcap,
             filter_eps=self.fastdpo_filter_eps,
-            impl=impl,
+            impl=head_impl(self.fastdpo_impl, self.args),
             stats=stats,
         )
 
@@ -235,15 +220,9 @@ class FastKTOTrainer(KTOTrainer):
         are then disabled (or the ``"ref"`` adapter selected). Also used to precompute reference log-probs.
         """
         install_fused_head(head_owner(self.accelerator, model))
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(
-                unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None
-            )
         with (
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            adapter_context,
+            ref_adapter(self),
             self.accelerator.autocast(),
         ):
             logps = self._scored_logps(model, inputs, "", model_inputs(inputs, _NON_MODEL_KEYS))
@@ -275,23 +254,13 @@ class FastKTOTrainer(KTOTrainer):
         else:
             kl = torch.zeros((), device=acc.device)
 
-        model_kwargs = model_inputs(inputs, _NON_MODEL_KEYS)
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
         request = _Request(
             loss_fn=self.fastdpo_loss,
             preference_labels=desirable,
             ref_logps=ref_logps.float(),
             kl=kl if self.calculate_KL else None,
         )
-        # `model` is what the Trainer wraps (DDP in multi-process runs): calling it, rather than the unwrapped
-        # module, is what keeps DDP's gradient all-reduce armed for this backward (see common.py).
-        labels = completion_labels(inputs["input_ids"], inputs["completion_mask"])
-        outputs = model(**model_kwargs, labels=labels, fastdpo=request)
-        loss = outputs.loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-            self._metrics[mode]["aux_loss"].append(acc.gather_for_metrics(outputs.aux_loss).mean().item())
+        loss, outputs, model_kwargs = policy_loss(self, model, mode, inputs, _NON_MODEL_KEYS, request)
         self._log_metrics(mode, inputs, outputs, desirable, kl)
 
         if return_outputs:
@@ -311,19 +280,8 @@ class FastKTOTrainer(KTOTrainer):
         acc = self.accelerator
         metrics = self._metrics[mode]
         metrics["kl"].append(kl.item())
-        shift_completion_mask = inputs["completion_mask"][:, 1:]
+        shift_completion_mask = log_token_metrics(self, mode, inputs, outputs.entropy)
         seq_len = shift_completion_mask.size(1)
-
-        if outputs.entropy is not None:
-            entropy_sum = (outputs.entropy[:, -seq_len:] * shift_completion_mask).sum()
-            entropy_sum = acc.gather_for_metrics(entropy_sum).sum()
-            total_tokens = acc.gather_for_metrics(shift_completion_mask.sum()).sum()
-            metrics["entropy"].append((entropy_sum / total_tokens).item() if total_tokens > 0 else 0.0)
-
-        if mode == "train":
-            num_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
-        metrics["num_tokens"] = [self._total_train_tokens]
 
         groups = (("chosen", desirable), ("rejected", ~desirable))
         if outputs.mean_logits is not None:
