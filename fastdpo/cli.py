@@ -408,8 +408,7 @@ def _check_writable_dir(option: str, name: str) -> None:
     """Creates the folder and a scratch file in it, so that a run never fails on it after loading a model."""
     try:
         Path(name).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=name):
-            pass
+        tempfile.TemporaryFile(dir=name).close()
     except OSError as e:
         raise UserError(f"{option}: cannot create or write the folder {name} ({e.strerror or e})") from None
 
