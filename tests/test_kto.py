@@ -480,21 +480,10 @@ def _simple_call(backend, bt=None, **overrides):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_prefilled_outputs_do_not_leak(backend, monkeypatch):
+def test_nan_prefilled_outputs_do_not_leak(backend, nan_filled_empty):
     bt = make_batch()
     expected = _simple_call(backend, bt)
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def nan_empty_like(*args, **kwargs):
-        out = real_empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    nan_filled_empty()
     got = _simple_call(backend, bt)
     for name in ("loss", "losses", "logps", "ref_logps", "rewards", "kl"):
         assert torch.isfinite(getattr(got, name)).all(), name

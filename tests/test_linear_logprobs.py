@@ -369,7 +369,7 @@ def test_non_contiguous_inputs(path):
 
 
 @pytest.mark.parametrize("path", PATHS, ids=PATH_IDS)
-def test_nan_prefilled_outputs_do_not_leak(path, monkeypatch):
+def test_nan_prefilled_outputs_do_not_leak(path, nan_filled_empty):
     """Every output element is written: buffers pre-filled with NaN give the same result."""
     backend, impl = path
     hidden, weight, b, targets = _make((40,), 48, 1000, torch.float32, _device(backend), bias=True)
@@ -383,18 +383,7 @@ def test_nan_prefilled_outputs_do_not_leak(path, monkeypatch):
         return [*out, *(x.grad for x in leaves)]
 
     expected = run()
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def nan_empty(*args, **kwargs):
-        out = real_empty(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    def nan_empty_like(*args, **kwargs):
-        out = real_empty_like(*args, **kwargs)
-        return out.fill_(float("nan")) if out.is_floating_point() else out
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-    monkeypatch.setattr(torch, "empty_like", nan_empty_like)
+    nan_filled_empty()
     got = run()
     assert all(not x.is_floating_point() or torch.isfinite(x).all() for x in got)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
