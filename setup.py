@@ -1,4 +1,4 @@
-"""Build script: maps kernels/ to fastdpo.kernels and builds the optional C++ pack planner."""
+"""Build script: maps kernels/ to fastdpo.kernels and builds the optional C++ helpers (fastdpo._C)."""
 
 import os
 
@@ -12,13 +12,14 @@ if os.environ.get("FASTDPO_NO_EXT", "0") != "1":
         ext_modules.append(
             Pybind11Extension(
                 "fastdpo._C",
-                ["csrc/pack_planner.cpp"],
+                ["csrc/module.cpp", "csrc/pack_planner.cpp", "csrc/softmax_moments.cpp"],
                 cxx_std=17,
-                extra_compile_args=["-O3"],
+                # No FMA contraction: the numpy twins round every product, and must give the same bits.
+                extra_compile_args=["-O3", "-ffp-contract=off"],
                 optional=True,
             )
         )
-    except ImportError:  # pybind11 missing: the numpy planner takes over, with identical output
+    except ImportError:  # pybind11 missing: the numpy twins take over, with identical output
         pass
 
 setup(

@@ -176,8 +176,7 @@ I64Array balance_bins(const I64Array& bin_tokens, int64_t num_groups) {
 
 }  // namespace
 
-PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdpo C++ pack planner (first-fit-decreasing bins, LPT rank balancing).";
+void bind_pack_planner(py::module_& m) {
   m.def("plan_bins", &plan_bins, py::arg("pair_tokens"), py::arg("budget"),
         "First-fit-decreasing packing of pairs into bins of at most `budget` tokens.\n\n"
         "Returns (bin_offsets int64[n_bins+1], order int64[n]): bin b holds pairs "

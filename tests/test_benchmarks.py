@@ -113,3 +113,15 @@ def test_bench_loss_kto_cpu_mode(tmp_path):
     for name in ("naive", "trl", "fastdpo"):
         assert rows[name]["loss"] == "kto"
         assert float(rows[name]["loss_err"]) < 1e-5 and float(rows[name]["dh_err"]) < 1e-5
+
+
+def test_bench_loss_stats_cpu_mode(tmp_path):
+    path = tmp_path / "loss_stats.csv"
+    _run(
+        "bench_loss.py", "--stats", "--pairs", "2", "--seq", "24", "--hidden", "16", "--vocab", "200",
+        "--reps", "3", "--csv", str(path),
+    )  # fmt: skip
+    (row,) = list(csv.DictReader(path.open()))
+    for key in ("fwd_ms", "fwd_stats_ms", "step_stats_ms", "step_old_extra_pass_ms"):
+        assert float(row[key]) > 0, key
+    float(row["stats_fwd_overhead_pct"]), float(row["step_saved_ms"])  # present and numeric

@@ -283,17 +283,25 @@ def check_against_reference(backend, loss_type="kto", kl_mode="completions_hidde
     assert out.losses.shape == (bt["desirable"].shape[0],) and out.kl.shape == ()
     d = bt["desirable"]
     want_metrics = {"kl": kl_used, "count/chosen": d.sum().double(), "count/rejected": (~d).sum().double()}
+    # Sums and means of rewards cancel: their fp32 error scales with the terms' sizes, not with the result.
+    reward_sizes = 0.3 * (logps.detach().abs() + ref_logps.abs())
+    terms = {"rewards": (rewards, reward_sizes), "logps": (logps.detach(),) * 2}
+    scales = {}
     for name, mask in (("chosen", d), ("rejected", ~d)):
-        want_metrics[f"rewards/{name}_sum"] = rewards[mask].sum()
-        want_metrics[f"logps/{name}_sum"] = logps.detach()[mask].sum()
-        if mask.any():
-            want_metrics[f"rewards/{name}"] = rewards[mask].mean()
-            want_metrics[f"logps/{name}"] = logps.detach()[mask].mean()
+        for kind, (values, size) in terms.items():
+            want_metrics[f"{kind}/{name}_sum"] = values[mask].sum()
+            scales[f"{kind}/{name}_sum"] = size[mask].abs().sum().item()
+            if mask.any():
+                want_metrics[f"{kind}/{name}"] = values[mask].mean()
+                scales[f"{kind}/{name}"] = size[mask].abs().mean().item()
     if d.any() and (~d).any():
         want_metrics["rewards/margins"] = rewards[d].mean() - rewards[~d].mean()
+        scales["rewards/margins"] = scales["rewards/chosen"] + scales["rewards/rejected"]
     assert set(out.metrics) == set(want_metrics), sorted(set(out.metrics) ^ set(want_metrics))
     for key, want in want_metrics.items():
-        _check_close(key, out.metrics[key], want, rtol=1e-5)
+        # A few fp32 ulps of the terms' sizes where those set the scale.
+        rtol = 1e-5 if key not in scales else 2e-6
+        _check_close(key, out.metrics[key], want, rtol=rtol, scale=scales.get(key))
     grads = (h.grad, w.grad, None if b is None else b.grad)
     for name, got, leaf in zip(("dhidden", "dweight", "dbias"), grads, leaves, strict=True):
         if leaf is not None:
@@ -301,10 +309,12 @@ def check_against_reference(backend, loss_type="kto", kl_mode="completions_hidde
     return out
 
 
-def _check_close(name, got, want, rtol=1e-4, atol=1e-6):
+def _check_close(name, got, want, rtol=1e-4, atol=1e-6, scale=None):
+    """Max error within ``atol + rtol * scale``; ``scale`` defaults to the largest ``|want|``."""
     got = got.detach().double().cpu()
     err = (got - want).abs().max().item() if want.numel() else 0.0
-    scale = want.abs().max().item() if want.numel() else 0.0
+    if scale is None:
+        scale = want.abs().max().item() if want.numel() else 0.0
     assert err <= atol + rtol * scale, f"{name}: max error {err:.3g} at scale {scale:.3g}"
 
 

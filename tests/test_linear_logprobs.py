@@ -262,7 +262,10 @@ def test_autocast_takes_fp32_masters_and_returns_fp32_grads(path, amp_dtype):
 
 
 def test_torch_backend_is_bitwise_trl_under_bf16_autocast(monkeypatch):
-    """The torch backend rounds and sums as TRL 1.16's chunked head, so their results are bit-identical."""
+    """The torch backend rounds and sums as TRL 1.16's chunked head: bit-identical log-probs and gradients.
+
+    The statistics differ from TRL's by a few ulp: their sums run in one pass, in fastdpo's own order.
+    """
     chunked_logprob = pytest.importorskip("trl.kernels.chunked_logprob")
     monkeypatch.setattr(_head_chunked, "_CHUNK_M", 4096)
     monkeypatch.setattr(_head_chunked, "_MAX_CHUNK_V", 32768)
@@ -289,7 +292,11 @@ def test_torch_backend_is_bitwise_trl_under_bf16_autocast(monkeypatch):
         (logp * grad).sum().backward()
         results.append([logp, entropy, log_sum_p2, mean_logit, is_argmax, h.grad, w.grad, bb.grad])
     for name, a, c in zip(("logp", "ent", "lsp2", "mean", "argmax", "dh", "dw", "db"), *results, strict=True):
-        assert torch.equal(a.detach(), c.detach()), name
+        if name in ("ent", "lsp2", "mean"):
+            # The statistics' sums run in fastdpo's own order (one pass, csrc/softmax_moments.cpp).
+            torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6 * a.abs().max().item(), msg=name)
+        else:
+            assert torch.equal(a.detach(), c.detach()), name
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -12,27 +12,33 @@ deterministic matmul or a row-wise fold, so results are bitwise reproducible run
 The numerics follow TRL 1.16's ``trl/kernels/chunked_logprob.py``: the logits chunk is rounded once to
 the compute dtype (as a matmul output in that dtype is), dz once to it, and products are summed in fp32
 without an intermediate rounding. Only fp16 differs: dz is scaled by a power of two first so that its
-small entries do not underflow, and the accumulators are divided by it at the end (exact).
+small entries do not underflow, and the accumulators are divided by it at the end (exact). The torch
+fold's statistics are summed in one pass in their own fixed order (:mod:`fastdpo.ops._moments`), so they
+agree with TRL's to a few ulp.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import threading
 
 import torch
 
 from fastdpo.ops._head_common import Partials, combine_partials
+from fastdpo.ops._moments import softmax_moments
 
 __all__ = ["chunk_shape", "chunked_backward", "chunked_forward"]
 
 # Elements of the one logits buffer (the impl's extra memory beside the fp32 gradient accumulators). On a
 # GPU, TRL's tile of 4096 x 32768 (256 MiB in bf16) keeps cuBLAS at full speed. On the CPU the torch fold
-# adds up to three fp32 temporaries of the chunk's size, so the buffer stays at 4M elements (16 MiB).
+# adds up to two fp32 buffers of the chunk's size, so the buffer stays at 4M elements (16 MiB).
 _GPU_CHUNK_ELEMENTS = 4096 * 32768
 _CPU_CHUNK_ELEMENTS = 4096 * 1024
 _CHUNK_M = 4096
 _MAX_CHUNK_V = 32768
 _MIN_CHUNK_V = 256
+_CPU_SCRATCH = threading.local()
 # |dz| <= |g| / T; scaled to at most 2**14, the largest fp16 product stays finite and entries down to
 # 2**-38 of the largest survive (fp16's smallest subnormal is 2**-24).
 _FP16_DZ_MAX = 2.0**14
@@ -70,6 +76,22 @@ def _transform(raw: torch.Tensor, inv_temp: float, softcap: float | None):
     return softcap * t * inv_temp, t
 
 
+def _exp_scratch(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """fp32 ``shape`` for the torch fold's exponentials: on the CPU one buffer per thread, kept and reused.
+
+    A fresh chunk-sized buffer each call costs the CPU a page fault per 4 KiB page, more than the
+    statistics themselves; CUDA's caching allocator reuses memory already. The buffer is at most the CPU
+    chunk budget (16 MiB).
+    """
+    numel = shape[0] * shape[1]
+    if device.type != "cpu":
+        return torch.empty(shape, device=device, dtype=torch.float32)
+    buf = getattr(_CPU_SCRATCH, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = _CPU_SCRATCH.buf = torch.empty(numel, dtype=torch.float32)
+    return buf[:numel].view(shape)
+
+
 def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
     """fp32 ``[K, M]`` running state: max, sum_exp, target, and with stats sum_exp_z, sum_exp2, sum_z,
     max_before.
@@ -80,23 +102,22 @@ def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
     return torch.tensor(fill, device=device, dtype=torch.float32)[:, None].repeat(1, m)
 
 
-def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
+def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap, scratch=None):
     """Folds one logits chunk ``[n, CV]`` into ``state``, the chunk's rows ``[K, n]`` of :func:`new_state`.
 
-    The chunk is scratch afterwards: the statistics' products are formed in place (fresh chunk-sized
-    allocations cost the CPU more page faults than the arithmetic).
+    The chunk is scratch afterwards. With statistics the exponentials go to ``scratch`` (fp32, at least the
+    chunk's shape; see :func:`_exp_scratch`) and :func:`softmax_moments` reads the logits and them once.
     """
     z, _ = _transform(tile.float(), inv_temp, softcap)
     run_max, sum_exp, target = state[0], state[1], state[2]
     has_stats = state.shape[0] > 3
     local = targets - v0
-    n_cols = z.shape[1]
+    n_rows, n_cols = z.shape
     inside = (local >= 0) & (local < n_cols)
     chunk_max = z.amax(-1)
     picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
     if has_stats:
-        sum_exp_z, sum_exp2, sum_z, max_before = state[3], state[4], state[5], state[6]
-        sum_z += z.sum(-1)
+        max_before = state[6]
         # max_before only decides ``target > max_before`` (see Partials): a chunk wholly left of the
         # target adds its max. Inside the target's chunk only a target equal to the chunk's max can be the
         # first maximum, so only those rows (usually few) are scanned; where an equal logit lies left of
@@ -104,17 +125,24 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap):
         max_before.copy_(torch.where(local >= n_cols, torch.maximum(max_before, chunk_max), max_before))
         rows = (inside & (picked == chunk_max)).nonzero()[:, 0]
         # argmax gives the first maximum. Scanning the whole chunk costs less than copying out most of it.
-        first = z.argmax(-1)[rows] if 2 * rows.numel() > z.shape[0] else z[rows].argmax(-1)
+        first = z.argmax(-1)[rows] if 2 * rows.numel() > n_rows else z[rows].argmax(-1)
         late = rows[first < local[rows]]
         max_before[late] = torch.maximum(max_before[late], picked[late])
     target.copy_(torch.where(inside, picked, target))
     new_max = torch.maximum(run_max, chunk_max)
     rescale = torch.exp(run_max - new_max)
-    e = (torch.sub(z, new_max[:, None]) if has_stats else z.sub_(new_max[:, None])).exp_()
+    if has_stats:
+        out = None if scratch is None else scratch[:n_rows, :n_cols]
+        e = torch.sub(z, new_max[:, None], out=out).exp_()
+    else:
+        e = z.sub_(new_max[:, None]).exp_()
     sum_exp.mul_(rescale).add_(e.sum(-1))
     if has_stats:
-        sum_exp_z.mul_(rescale).add_(z.mul_(e).sum(-1))
-        sum_exp2.mul_(rescale * rescale).add_(e.mul_(e).sum(-1))
+        sum_z, sum_exp_z, sum_exp2 = state[5], state[3], state[4]
+        moments = softmax_moments(z, e)
+        sum_z += moments[0]
+        sum_exp_z.mul_(rescale).add_(moments[1])
+        sum_exp2.mul_(rescale * rescale).add_(moments[2])
     run_max.copy_(new_max)
 
 
@@ -169,6 +197,8 @@ def chunked_forward(hidden, weight, bias, targets, *, temperature, softcap, back
     buf = torch.empty(chunk_shape(m, v, hidden.device), device=hidden.device, dtype=compute_dtype)
     state = new_state(m, hidden.device, stats)
     fold_forward, _ = _folds(backend)
+    if stats and backend == "torch":
+        fold_forward = functools.partial(fold_forward, scratch=_exp_scratch(buf.shape, hidden.device))
     for rows, cols, _, _, tile in _chunks(hidden, weight, bias, compute_dtype, buf):
         fold_forward(tile, targets[rows], state[:, rows], cols.start, 1.0 / temperature, softcap)
     run_max, sum_exp, target = state[0], state[1], state[2]
