@@ -50,10 +50,11 @@ from fastdpo.distributed import (
 )
 from fastdpo.losses import FusedLinearDPOLoss
 from fastdpo.modeling import packed_hidden_states
+from fastdpo.ops._head_common import TokenStats
 from fastdpo.ops.linear_logprobs import linear_logprobs
 from fastdpo.ops.vocab_parallel import vocab_parallel_linear_logprobs
 from fastdpo.packing import IGNORE_INDEX, pack_pairs
-from fastdpo.reference import linear_logprobs_reference
+from fastdpo.reference import linear_logprobs_reference, token_stats_reference
 
 WORLD = 2
 VOCAB = 96
@@ -204,21 +205,25 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _vocab_parallel_task(
-    rank, hidden, weight, bias, targets, grad_out, rows, offsets, opts, via_public, backend
+    rank, hidden, weight, bias, targets, grad_out, rows, offsets, opts, via_public, backend, stats=False
 ):
     start = offsets[rank] if offsets is not None else sum(rows[:rank])
     h = hidden.clone().requires_grad_()
     w = weight[start : start + rows[rank]].clone().requires_grad_()
     b = bias[start : start + rows[rank]].clone().requires_grad_()
     if via_public:
-        out = linear_logprobs(h, w, targets, b, group=torch.distributed.group.WORLD, backend=backend, **opts)
+        out = linear_logprobs(
+            h, w, targets, b, group=torch.distributed.group.WORLD, backend=backend, stats=stats, **opts
+        )
     else:
         offset = None if offsets is None else offsets[rank]
         out = vocab_parallel_linear_logprobs(
-            h, w, targets, b, group=None, vocab_offset=offset, backend=backend, **opts
+            h, w, targets, b, group=None, vocab_offset=offset, backend=backend, stats=stats, **opts
         )
-    (out * grad_out).sum().backward()
-    return out.detach(), h.grad, w.grad, b.grad, start
+    extra = tuple(x.detach() for x in out[1:]) if stats else ()
+    logp = out.logps if stats else out
+    (logp * grad_out).sum().backward()
+    return logp.detach(), h.grad, w.grad, b.grad, start, extra
 
 
 def _vp_inputs(shape, d, v, ignore_frac):
@@ -262,7 +267,7 @@ def test_vocab_parallel_matches_single_process(ranks, rows, offsets, opts, via_p
 
     dw = torch.zeros(v, d, dtype=torch.float64)
     db = torch.zeros(v, dtype=torch.float64)
-    for out, dh, dw_shard, db_shard, start in results:
+    for out, dh, dw_shard, db_shard, start, _ in results:
         torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(out, single.detach(), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(dh.double(), ref_leaves[0].grad, rtol=1e-4, atol=1e-5)
@@ -275,6 +280,69 @@ def test_vocab_parallel_matches_single_process(ranks, rows, offsets, opts, via_p
     torch.testing.assert_close(dw.float(), single_leaves[1].grad, rtol=1e-4, atol=1e-5)
     ignored = targets == IGNORE_INDEX
     assert (results[0][0][ignored] == 0).all()
+
+
+@pytest.mark.parametrize(
+    "rows, offsets, opts, backend",
+    [
+        ((20, 17), (17, 0), {"softcap": 3.0, "temperature": 0.7}, "torch"),
+        ((40, 30), None, {}, "triton"),
+    ],
+    ids=["torch-explicit-offsets-softcap", "triton-kernels"],
+)
+def test_vocab_parallel_stats_match_float64(ranks, rows, offsets, opts, backend):
+    """The whole vocabulary's statistics on every rank, as one process computes them (float64 reference)."""
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+    v, d, shape = sum(rows), 24, (3, 11)
+    hidden, weight, bias, targets, grad_out = _vp_inputs(shape, d, v, 0.3)
+    targets[0, 1] = IGNORE_INDEX  # an ignored token (zeros) next to the last shard's target
+    f32 = [x.float() for x in (hidden, weight, bias)]
+    results = ranks.run(
+        _vocab_parallel_task, *f32, targets, grad_out.float(), rows, offsets, opts, False, backend, True
+    )  # fmt: skip
+    want = token_stats_reference(hidden, weight, targets, bias, **opts)
+    plain = token_stats_reference(*f32[:2], targets, f32[2], **opts)
+    single = linear_logprobs(*f32[:2], targets, f32[2], backend="torch", stats=True, **opts)
+    clear = _clear_argmax(hidden, weight, bias, opts)
+    for *_, extra in results:
+        for name, got in zip(TokenStats._fields, extra, strict=True):
+            assert got.shape == targets.shape and not got.requires_grad, name
+            if name == "is_argmax":
+                assert torch.equal(got[clear], want[name][clear]) and torch.equal(got, single.is_argmax)
+                continue
+            err = (got.double() - want[name]).abs().max().item()
+            plain_err = (plain[name].double() - want[name]).abs().max().item()
+            assert err <= 2 * plain_err + 1e-5 * max(want[name].abs().max().item(), 1.0), name
+            torch.testing.assert_close(got, getattr(single, name), rtol=1e-5, atol=1e-5, msg=name)
+            assert (got[targets == IGNORE_INDEX] == 0).all(), name
+    for a, b in zip(results[0][5], results[1][5], strict=True):
+        assert torch.equal(a, b), "ranks disagree on the statistics"
+
+
+def _clear_argmax(hidden, weight, bias, opts):
+    """Tokens whose float64 top two logits are clearly apart: their argmax flag is not a rounding call."""
+    z = hidden @ weight.T + bias
+    if opts.get("softcap"):
+        z = opts["softcap"] * torch.tanh(z / opts["softcap"])
+    top2 = z.topk(2, dim=-1).values
+    return (top2[..., 0] - top2[..., 1]) > 1e-3
+
+
+def _vp_ties_task(rank):
+    """Weight rows 3 and 12 tie for every token's maximum; they lie in different shards (rows 10 / 9)."""
+    d, v = 8, 19
+    weight = torch.randn(v, d, generator=torch.Generator().manual_seed(0)) * 0.01
+    weight[[3, 12]] = 1.0
+    hidden = torch.ones(4, d)
+    targets = torch.tensor([3, 12, 5, IGNORE_INDEX])
+    start, rows = (0, 10) if rank == 0 else (10, 9)
+    shard = weight[start : start + rows]
+    return vocab_parallel_linear_logprobs(hidden, shard, targets, group=None, stats=True).is_argmax.tolist()
+
+
+def test_vocab_parallel_is_argmax_ties_go_to_the_first_maximum_across_shards(ranks):
+    assert ranks.run(_vp_ties_task) == [[True, False, False, False]] * 2
 
 
 def _vp_error_task(rank, case):

@@ -18,14 +18,47 @@ from __future__ import annotations
 import torch
 
 from fastdpo.ops._head_chunked import chunked_backward, chunked_forward, dz_scale
-from fastdpo.ops._head_common import TokenStats, combine_partials
+from fastdpo.ops._head_common import Partials, TokenStats, combine_partials
 
-__all__ = ["logprobs_backward", "logprobs_forward"]
+__all__ = ["logprobs_backward", "logprobs_forward", "logprobs_partials"]
 
 
-def _empty_stats(device: torch.device) -> TokenStats:
-    empty = torch.zeros(0, device=device, dtype=torch.float32)
-    return TokenStats(empty, empty.clone(), torch.zeros(0, device=device, dtype=torch.bool), empty.clone())
+def logprobs_partials(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    backend: str = "torch",
+    impl: str = "fused",
+    stats: bool = False,
+    compute_dtype: torch.dtype | None = None,
+) -> Partials:
+    """The sums behind :func:`logprobs_forward`, one ``Partials`` part per vocab split (``[S, M]`` each).
+
+    :func:`~fastdpo.ops._head_common.combine_partials` turns them into ``(logp, lse, stats)``; the
+    tensor-parallel head gathers them from every rank first.
+    """
+    compute_dtype = compute_dtype or hidden.dtype
+    if hidden.shape[0] == 0:
+        empty = torch.zeros(1, 0, device=hidden.device, dtype=torch.float32)
+        return Partials(*([empty] * (7 if stats else 2)))
+    targets = targets.contiguous()
+    # The casts are explicit; an ambient autocast must not recast the fp32 accumulations.
+    with torch.autocast(hidden.device.type, enabled=False):
+        if backend == "triton" and impl == "fused":
+            from fastdpo.ops import _head_triton
+
+            return _head_triton.fused_forward(
+                hidden, weight, bias.contiguous() if bias is not None else None, targets,
+                temperature=temperature, softcap=softcap, stats=stats, compute_dtype=compute_dtype,
+            )  # fmt: skip
+        return chunked_forward(
+            hidden, weight, bias, targets, temperature=temperature, softcap=softcap, backend=backend,
+            stats=stats, compute_dtype=compute_dtype,
+        )  # fmt: skip
 
 
 def logprobs_forward(
@@ -54,26 +87,11 @@ def logprobs_forward(
     outside its shard). With ``stats=True`` it returns ``(logp, lse, TokenStats)``; without, the kernels
     compile without the statistics' code and it costs nothing.
     """
-    compute_dtype = compute_dtype or hidden.dtype
-    if hidden.shape[0] == 0:
-        empty = torch.zeros(0, device=hidden.device, dtype=torch.float32)
-        return (empty, empty.clone(), _empty_stats(hidden.device)) if stats else (empty, empty.clone())
-    targets = targets.contiguous()
-    # The casts are explicit; an ambient autocast must not recast the fp32 accumulations.
-    with torch.autocast(hidden.device.type, enabled=False):
-        if backend == "triton" and impl == "fused":
-            from fastdpo.ops import _head_triton
-
-            parts = _head_triton.fused_forward(
-                hidden, weight, bias.contiguous() if bias is not None else None, targets,
-                temperature=temperature, softcap=softcap, stats=stats, compute_dtype=compute_dtype,
-            )  # fmt: skip
-            logp, lse, token_stats = combine_partials(parts, weight.shape[0])
-        else:
-            logp, lse, token_stats = chunked_forward(
-                hidden, weight, bias, targets, temperature=temperature, softcap=softcap, backend=backend,
-                stats=stats, compute_dtype=compute_dtype,
-            )  # fmt: skip
+    parts = logprobs_partials(
+        hidden, weight, bias, targets, temperature=temperature, softcap=softcap, backend=backend, impl=impl,
+        stats=stats, compute_dtype=compute_dtype,
+    )  # fmt: skip
+    logp, lse, token_stats = combine_partials(parts, weight.shape[0])
     return (logp, lse, token_stats) if stats else (logp, lse)
 
 

@@ -25,7 +25,7 @@ import threading
 
 import torch
 
-from fastdpo.ops._head_common import Partials, combine_partials
+from fastdpo.ops._head_common import Partials
 from fastdpo.ops._moments import softmax_moments
 
 __all__ = ["chunk_shape", "chunked_backward", "chunked_forward"]
@@ -192,7 +192,7 @@ def _chunks(hidden, weight, bias, compute_dtype, buf):
 
 
 def chunked_forward(hidden, weight, bias, targets, *, temperature, softcap, backend, stats, compute_dtype):
-    """``(logp, lse, stats | None)`` of the M rows, by chunks; see ``_head.logprobs_forward``."""
+    """One ``Partials`` part (the whole vocabulary) of the M rows, by chunks; see ``logprobs_partials``."""
     m, v = hidden.shape[0], weight.shape[0]
     buf = torch.empty(chunk_shape(m, v, hidden.device), device=hidden.device, dtype=compute_dtype)
     state = new_state(m, hidden.device, stats)
@@ -209,7 +209,7 @@ def chunked_forward(hidden, weight, bias, targets, *, temperature, softcap, back
         log_sum_p2 = torch.log(sum_exp2) - 2 * torch.log(sum_exp)
         parts = Partials(lse[None], target[None], (sum_exp_z / sum_exp)[None], log_sum_p2[None],
                          sum_z[None], max_before[None], run_max[None])  # fmt: skip
-    return combine_partials(parts, v)
+    return parts
 
 
 def dz_scale(grad: torch.Tensor, temperature: float, compute_dtype: torch.dtype) -> float:

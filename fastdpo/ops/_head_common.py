@@ -16,10 +16,13 @@ IMPLS = ("fused", "chunked")
 
 __all__ = [
     "IGNORE_INDEX",
+    "LogprobsWithStats",
+    "Partials",
     "TokenStats",
     "combine_partials",
     "filter_threshold",
     "interpreting",
+    "merge_partials",
     "resolve_backend",
     "resolve_impl",
 ]
@@ -36,6 +39,19 @@ class TokenStats(NamedTuple):
     * ``log_sum_p2``: ``(p * p).sum(-1).log()`` (TRL's WPO weights).
     """
 
+    entropy: torch.Tensor
+    mean_logit: torch.Tensor
+    is_argmax: torch.Tensor
+    log_sum_p2: torch.Tensor
+
+
+class LogprobsWithStats(NamedTuple):
+    """``linear_logprobs(..., stats=True)``: the log-probs and :class:`TokenStats`' fields, ``[...]`` each.
+
+    At ignored positions every field is 0 (False for ``is_argmax``). Only ``logps`` carries gradients.
+    """
+
+    logps: torch.Tensor
     entropy: torch.Tensor
     mean_logit: torch.Tensor
     is_argmax: torch.Tensor
@@ -61,24 +77,39 @@ class Partials(NamedTuple):
     max_z: torch.Tensor | None = None
 
 
+def merge_partials(parts: Partials) -> Partials:
+    """Folds ``S`` parts into one (``[1, M]`` each): the same sums over the union of their vocabularies.
+
+    A part's probabilities are the union's times ``w_s = exp(lse_s - lse)``, so expectations add with
+    weights ``w_s`` and sums of squares with ``w_s**2``.
+    """
+    lse = parts.lse if parts.lse.shape[0] == 1 else torch.logsumexp(parts.lse, dim=0, keepdim=True)
+    target = parts.target.sum(0, keepdim=True)
+    if parts.mean_z is None:
+        return Partials(lse, target)
+    share = parts.lse - lse
+    return Partials(
+        lse,
+        target,
+        (torch.exp(share) * parts.mean_z).sum(0, keepdim=True),
+        torch.logsumexp(2 * share + parts.log_sum_p2, dim=0, keepdim=True),
+        parts.sum_z.sum(0, keepdim=True),
+        parts.max_before.amax(0, keepdim=True),
+        parts.max_z.amax(0, keepdim=True),
+    )
+
+
 def combine_partials(
     parts: Partials, vocab_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, TokenStats | None]:
-    """Folds ``S`` parts into ``(logp, lse, stats)``, the whole vocabulary's values (stats None if absent).
-
-    A part's probabilities are the global ones times ``w_s = exp(lse_s - lse)``, so expectations add with
-    weights ``w_s`` and sums of squares with ``w_s**2``.
-    """
-    lse = parts.lse[0] if parts.lse.shape[0] == 1 else torch.logsumexp(parts.lse, dim=0)
-    target = parts.target.sum(0)
-    if parts.mean_z is None:
+    """Folds ``S`` parts into ``(logp, lse, stats)``, the whole vocabulary's values (stats None if absent)."""
+    whole = merge_partials(parts)
+    lse, target = whole.lse[0], whole.target[0]
+    if whole.mean_z is None:
         return target - lse, lse, None
-    share = parts.lse - lse
-    entropy = lse - (torch.exp(share) * parts.mean_z).sum(0)
-    log_sum_p2 = torch.logsumexp(2 * share + parts.log_sum_p2, dim=0)
     # The target is the first maximum when nothing left of it reaches it and nothing anywhere exceeds it.
-    is_argmax = (target > parts.max_before.amax(0)) & (target >= parts.max_z.amax(0))
-    stats = TokenStats(entropy, parts.sum_z.sum(0) / vocab_size, is_argmax, log_sum_p2)
+    is_argmax = (target > whole.max_before[0]) & (target >= whole.max_z[0])
+    stats = TokenStats(lse - whole.mean_z[0], whole.sum_z[0] / vocab_size, is_argmax, whole.log_sum_p2[0])
     return target - lse, lse, stats
 
 

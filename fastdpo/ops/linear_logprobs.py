@@ -10,13 +10,14 @@ module imports that one only when ``group=`` is given.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 
 from fastdpo.ops._head import logprobs_backward, logprobs_forward
 from fastdpo.ops._head_common import (
     IGNORE_INDEX,
+    LogprobsWithStats,
     TokenStats,
     filter_threshold,
     resolve_backend,
@@ -39,19 +40,6 @@ __all__ = [
     "resolve_backend",
     "resolve_impl",
 ]
-
-
-class LogprobsWithStats(NamedTuple):
-    """``linear_logprobs(..., stats=True)``: the log-probs and :class:`TokenStats`' fields, ``[...]`` each.
-
-    At ignored positions every field is 0 (False for ``is_argmax``). Only ``logps`` carries gradients.
-    """
-
-    logps: torch.Tensor
-    entropy: torch.Tensor
-    mean_logit: torch.Tensor
-    is_argmax: torch.Tensor
-    log_sum_p2: torch.Tensor
 
 
 # --------------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ head's kernels (:mod:`fastdpo.ops._head`) on its own rows only, so no rank ever 
 * forward: each rank computes its shard's log-sum-exp ``lse_r`` and its share of the target logit (the
   logit itself when the target row lies in the shard, else 0: the kernels pick up no target for a local
   target of -1). One all-reduce MAX of ``lse_r`` and one all-reduce SUM of ``exp(lse_r - max)`` and of the
-  target shares give the global ``lse`` and ``logp = target_logit - lse``.
+  target shares give the global ``lse`` and ``logp = target_logit - lse``. With ``stats=True`` the ranks
+  also all-gather their shards' seven partial sums per token (``_head_common.Partials``), which fold into
+  the whole vocabulary's statistics exactly as vocab splits do on one GPU.
 * backward: with the global ``lse`` each rank's kernels give the exact gradient of its own weight rows and
   bias entries, and a partial hidden gradient (its rows' share of ``dlogits @ W``); one all-reduce SUM
   over the group completes the hidden gradient. That is the all-reduce Megatron runs in the backward of a
@@ -24,8 +26,18 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastdpo.ops._head import logprobs_backward, logprobs_forward
-from fastdpo.ops._head_common import IGNORE_INDEX, filter_threshold, resolve_backend, resolve_impl
+from fastdpo.ops._head import logprobs_backward, logprobs_partials
+from fastdpo.ops._head_common import (
+    IGNORE_INDEX,
+    LogprobsWithStats,
+    Partials,
+    TokenStats,
+    combine_partials,
+    filter_threshold,
+    merge_partials,
+    resolve_backend,
+    resolve_impl,
+)
 
 __all__ = ["vocab_parallel_linear_logprobs"]
 
@@ -37,11 +49,12 @@ _ROWS, _OFFSET, _TOKENS, _HIDDEN, _VALID, _CHECKSUM, _OK = range(7)
 
 @dataclass(frozen=True)
 class _Layout:
-    """Where this rank's rows sit in the global vocabulary."""
+    """Where this rank's rows sit in the global vocabulary, and every group rank's ``(offset, rows)``."""
 
     offset: int
     rows: int
     vocab_size: int
+    shards: tuple[tuple[int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,7 @@ class _Opts:
     filter_eps: float
     backend: str
     impl: str
+    stats: bool
 
 
 def _local_problem(
@@ -162,48 +176,60 @@ def _exchange_layout(
                 f"{list(zip(offsets, rows, strict=True))}"
             )
         expected += rows[r]
-    return _Layout(offset=offsets[rank], rows=rows[rank], vocab_size=vocab_size)
+    shards = tuple(zip(offsets, rows, strict=True))
+    return _Layout(offset=offsets[rank], rows=rows[rank], vocab_size=vocab_size, shards=shards)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
-    """Autograd node of :func:`vocab_parallel_linear_logprobs`; saves valid-row indices and the global lse."""
+    """Autograd node of :func:`vocab_parallel_linear_logprobs`; saves valid-row indices and the global lse.
+
+    Returns the log-probs, followed by the four statistics when requested (no gradient).
+    """
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, targets1d, layout: _Layout, opts: _Opts):
         valid_rows = (targets1d != opts.ignore_index).nonzero()[:, 0]
         compact = valid_rows.numel() != targets1d.numel()
         h = hidden2d.index_select(0, valid_rows) if compact else hidden2d
-        local = targets1d.index_select(0, valid_rows) - layout.offset
-        in_shard = (local >= 0) & (local < layout.rows)
-        local = torch.where(in_shard, local, -1)
-        logp_local, lse_local = logprobs_forward(
-            h,
-            weight,
-            bias,
-            local,
-            temperature=opts.temperature,
-            softcap=opts.softcap,
-            backend=opts.backend,
-            impl=opts.impl,
+        global_targets = targets1d.index_select(0, valid_rows)
+        local = global_targets - layout.offset
+        local = torch.where((local >= 0) & (local < layout.rows), local, -1)
+        # This shard's sums; a local target of -1 picks no logit, so the target share is 0 off the shard.
+        mine = merge_partials(
+            logprobs_partials(
+                h, weight, bias, local, temperature=opts.temperature, softcap=opts.softcap,
+                backend=opts.backend, impl=opts.impl, stats=opts.stats,
+            )  # fmt: skip
         )
-        lse = lse_local
-        target_logit = torch.where(in_shard, logp_local + lse_local, 0.0)
+        lse, target_logit = mine.lse[0], mine.target[0]
+        token_stats = None
         if valid_rows.numel():
-            lse_max = lse_local.clone()
+            lse_max = lse.clone()
             dist.all_reduce(lse_max, op=dist.ReduceOp.MAX, group=opts.group)
-            sums = torch.stack([torch.exp(lse_local - lse_max), target_logit])
+            sums = torch.stack([torch.exp(lse - lse_max), target_logit])
             dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=opts.group)
             lse = lse_max + torch.log(sums[0])
             target_logit = sums[1]
+            if opts.stats:
+                token_stats = _gathered_stats(mine, global_targets, layout, opts.group)
         out = torch.zeros(targets1d.shape[0], device=hidden2d.device, dtype=torch.float32)
         out.index_copy_(0, valid_rows, target_logit - lse)
         ctx.save_for_backward(hidden2d, weight, bias, local, lse, valid_rows)
         ctx.compact = compact
         ctx.opts = opts
-        return out
+        if not opts.stats:
+            return out
+        if token_stats is None:
+            token_stats = combine_partials(mine, layout.vocab_size)[2]  # no valid token: empty statistics
+        extra = []
+        for values in token_stats:
+            full = torch.zeros(targets1d.shape[0], device=hidden2d.device, dtype=values.dtype)
+            extra.append(full.index_copy_(0, valid_rows, values))
+        ctx.mark_non_differentiable(*extra)
+        return (out, *extra)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         hidden2d, weight, bias, local, lse, valid_rows = ctx.saved_tensors
         opts = ctx.opts
         h = hidden2d.index_select(0, valid_rows) if ctx.compact else hidden2d
@@ -221,6 +247,23 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
+def _gathered_stats(
+    mine: Partials, global_targets: torch.Tensor, layout: _Layout, group: dist.ProcessGroup | None
+) -> TokenStats:
+    """The whole vocabulary's statistics from every rank's one-part sums, gathered (7 numbers per token)."""
+    world = dist.get_world_size(group)
+    packed = torch.cat(list(mine)).contiguous()
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    parts = Partials(*torch.stack(gathered).unbind(1))
+    # A shard wholly left of the target never saw the target (its local target was -1), so its largest
+    # logit is the largest logit left of the target there.
+    ends = torch.tensor([o + r for o, r in layout.shards], device=global_targets.device)
+    left = ends[:, None] <= global_targets[None, :]
+    parts = parts._replace(max_before=torch.where(left, parts.max_z, parts.max_before))
+    return combine_partials(parts, layout.vocab_size)[2]
+
+
 def vocab_parallel_linear_logprobs(
     hidden: torch.Tensor,
     weight_shard: torch.Tensor,
@@ -236,7 +279,7 @@ def vocab_parallel_linear_logprobs(
     backend: str | None = None,
     impl: str | None = None,
     stats: bool = False,
-) -> torch.Tensor:
+) -> torch.Tensor | LogprobsWithStats:
     """Equals ``linear_logprobs(hidden, W, targets, b)`` with ``W`` / ``b`` the shards stacked in row order.
 
     In plain PyTorch, with ``W = torch.cat(all_gather(weight_shard))`` in offset order::
@@ -270,11 +313,13 @@ def vocab_parallel_linear_logprobs(
         filter_eps: backward gradient filtering of the triton backend, as in ``linear_logprobs``.
         backend: ``"triton"`` or ``"torch"``; default ``FASTDPO_BACKEND``, else triton on CUDA.
         impl: ``"fused"`` or ``"chunked"``, as in ``linear_logprobs``.
-        stats: must be False: the per-token statistics are not combined across shards.
+        stats: also return the whole vocabulary's per-token statistics (as ``linear_logprobs``): every rank
+            gathers 7 numbers per valid token from every other rank.
 
     Returns:
-        fp32 ``[...]`` log-probs, the same on every rank. Gradients reach hidden (complete, all-reduced over
-        the group), and this rank's weight and bias shards, in their own dtypes.
+        fp32 ``[...]`` log-probs, the same on every rank, or with ``stats=True`` a ``LogprobsWithStats``.
+        Gradients reach hidden (complete, all-reduced over the group), and this rank's weight and bias
+        shards, in their own dtypes.
 
     Raises:
         TypeError: a non-tensor input or mismatched dtypes (raised locally).
@@ -282,8 +327,6 @@ def vocab_parallel_linear_logprobs(
             the shards do not tile ``[0, V)``, ranks hold different hidden shapes or targets, or a target
             lies outside ``[0, V)``.
     """
-    if stats:
-        raise ValueError("stats=True is not supported over a vocab-sharded head (group=); pass stats=False")
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("vocab_parallel_linear_logprobs needs an initialized torch.distributed group")
     if vocab_offset is not None and (isinstance(vocab_offset, bool) or not isinstance(vocab_offset, int)):
@@ -311,8 +354,11 @@ def vocab_parallel_linear_logprobs(
         filter_eps=eps,
         backend=chosen,
         impl=chosen_impl,
+        stats=bool(stats),
     )
     out = _VocabParallelLogprobs.apply(
         hidden.reshape(-1, hidden.shape[-1]), weight_shard, bias_shard, targets1d, layout, opts
     )
-    return out.reshape(targets.shape)
+    if not stats:
+        return out.reshape(targets.shape)
+    return LogprobsWithStats(*(x.reshape(targets.shape) for x in out))
