@@ -25,6 +25,7 @@ import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from unittest import mock
 
 from fake_cuda import fake_cuda
 
@@ -91,6 +92,8 @@ DEFAULT_SHAPES = [
     Shape("llama3-8b", 16384, 4096, 128256),
     Shape("qwen2.5-7b", 16384, 3584, 152064),
     Shape("gemma2", 16384, 2304, 256000, softcap=30.0),
+    # fp16 with an lm_head bias: the fp16 dz scaling and the bias loads compile in.
+    Shape("phi-2", 16384, 2560, 51200, dtype="float16", bias=True),
 ]
 
 
@@ -322,6 +325,7 @@ def _head_variants(shape: Shape, impls: tuple[str, ...]) -> list[tuple[str, Call
     filtered, unfiltered and dH-only (a frozen head). The chunked impl's backward fold ignores both."""
     import torch
 
+    from fastdpo.ops import _head
     from fastdpo.ops.linear_logprobs import filter_threshold, logprobs_backward, logprobs_forward
 
     dtype = getattr(torch, shape.dtype)
@@ -339,9 +343,16 @@ def _head_variants(shape: Shape, impls: tuple[str, ...]) -> list[tuple[str, Call
             return lambda: logprobs_forward(h, w, b, t, stats=stats, **kw)
 
         def bwd(filter_eps, needs, kw=kw):
-            return lambda: logprobs_backward(
-                g, h, w, b, t, g, filter_eps=filter_eps, needs_input_grad=needs, **kw
-            )
+            def call():
+                # fp16's dz scale reads the gradient's peak (``.item()``), which fake tensors do not hold;
+                # it reaches the kernels as a plain fp32 argument, so its value does not change the code.
+                scale = 2.0**10 if dtype == torch.float16 else 1.0
+                with mock.patch.object(_head, "dz_scale", lambda *_: scale):
+                    return logprobs_backward(
+                        g, h, w, b, t, g, filter_eps=filter_eps, needs_input_grad=needs, **kw
+                    )
+
+            return call
 
         out += [(f"{impl} fwd", fwd(False)), (f"{impl} fwd stats", fwd(True))]
         out += [(f"{impl} bwd", bwd(eps if impl == "fused" else 0.0, (True, True, True)))]

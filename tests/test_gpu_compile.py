@@ -1,7 +1,7 @@
 """The static GPU gate: every Triton kernel, launched as the launchers do, compiles cleanly for sm_90a/sm_80.
 
 No GPU is needed. ``benchmarks/static_report.py`` runs the launchers on fake CUDA tensors at the Llama-3-8B,
-Qwen2.5-7B and Gemma-2 heads with every launch intercepted, so each config is the launchers' own choice
+Qwen2.5-7B, Gemma-2 (softcap) and Phi-2 (fp16, bias) heads with every launch intercepted, so each config is the launchers' own choice
 (and, with ``FASTDPO_AUTOTUNE=1``, every autotune candidate); it compiles each distinct launch with
 ``triton.compile`` for both targets and reads ``ptxas -v`` and the IR. A launch fails the gate on a compile
 error, any spill or stack frame, shared memory over the arch's per-block limit, or (sm_90a) a dot that did
@@ -52,7 +52,7 @@ def test_every_kernel_and_variant_was_compiled(reports):
     for arch in ("sm90a", "sm80"):
         mine = [r for r in reports if r["arch"] == arch]
         assert {r["launch"]["kernel"] for r in mine} == kernels, arch
-        for shape in ("llama3-8b", "qwen2.5-7b", "gemma2"):
+        for shape in ("llama3-8b", "qwen2.5-7b", "gemma2", "phi-2"):
             variants = {r["launch"]["variant"] for r in mine if r["launch"]["shape"] == shape}
             for impl, phase in [(i, p) for i in ("fused", "chunked") for p in ("fwd", "fwd stats", "bwd")]:
                 assert f"{impl} {phase}" in variants, (arch, shape, impl, phase)
