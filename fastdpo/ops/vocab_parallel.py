@@ -195,12 +195,11 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         local = global_targets - layout.offset
         local = torch.where((local >= 0) & (local < layout.rows), local, -1)
         # This shard's sums; a local target of -1 picks no logit, so the target share is 0 off the shard.
-        mine = merge_partials(
-            logprobs_partials(
-                h, weight, bias, local, temperature=opts.temperature, softcap=opts.softcap,
-                backend=opts.backend, impl=opts.impl, stats=opts.stats,
-            )  # fmt: skip
-        )
+        parts = logprobs_partials(
+            h, weight, bias, local, temperature=opts.temperature, softcap=opts.softcap,
+            backend=opts.backend, impl=opts.impl, stats=opts.stats,
+        )  # fmt: skip
+        mine = merge_partials(parts)
         lse, target_logit = mine.lse[0], mine.target[0]
         token_stats = None
         if valid_rows.numel():
