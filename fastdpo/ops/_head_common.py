@@ -80,7 +80,7 @@ class Partials(NamedTuple):
 def merge_partials(parts: Partials) -> Partials:
     """Folds ``S`` parts into one (``[1, M]`` each): the same sums over the union of their vocabularies.
 
-    A part's probabilities are the union's times ``w_s = exp(lse_s - lse)``, so expectations add with
+    The union's probabilities are a part's own times ``w_s = exp(lse_s - lse)``, so expectations add with
     weights ``w_s`` and sums of squares with ``w_s**2``.
     """
     lse = parts.lse if parts.lse.shape[0] == 1 else torch.logsumexp(parts.lse, dim=0, keepdim=True)
