@@ -1,11 +1,11 @@
 """The static GPU gate: every Triton kernel, launched as the launchers do, compiles cleanly for sm_90a/sm_80.
 
 No GPU is needed. ``benchmarks/static_report.py`` runs the launchers on fake CUDA tensors at the Llama-3-8B,
-Qwen2.5-7B, Gemma-2 (softcap) and Phi-2 (fp16, bias) heads with every launch intercepted, so each config is the launchers' own choice
-(and, with ``FASTDPO_AUTOTUNE=1``, every autotune candidate); it compiles each distinct launch with
-``triton.compile`` for both targets and reads ``ptxas -v`` and the IR. A launch fails the gate on a compile
-error, any spill or stack frame, shared memory over the arch's per-block limit, or (sm_90a) a dot that did
-not lower to wgmma.
+Qwen2.5-7B, Gemma-2 (softcap) and Phi-2 (fp16, bias) heads with every launch intercepted, so each config
+is the launchers' own choice (and, with ``FASTDPO_AUTOTUNE=1``, every autotune candidate); it compiles
+each distinct launch with ``triton.compile`` for both targets and reads ``ptxas -v`` and the IR. A launch
+fails the gate on a compile error, any spill or stack frame, shared memory over the arch's per-block
+limit, or (sm_90a) a dot that did not lower to wgmma.
 """
 
 import json
