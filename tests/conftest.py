@@ -1,6 +1,7 @@
 """Shared test set-up: the Triton kernels run under the CPU interpreter on machines without a GPU."""
 
 import os
+import random
 
 import pytest
 import torch
@@ -30,3 +31,18 @@ def nan_filled_empty(monkeypatch):
         monkeypatch.setattr(torch, "empty_like", prefilled(real_empty_like))
 
     return enable
+
+
+@pytest.fixture
+def run_tiny_demo(tmp_path):
+    """``fastdpo.demo.run_demo`` at the demo tests' tiny, fast size, in ``tmp_path``; keywords override."""
+    from fastdpo.demo import run_demo
+
+    def run(**overrides):
+        options = dict(
+            max_operand=20, hidden_size=48, sft_steps=300, sft_batch_size=64, dpo_steps=30,
+            tokens_per_step=512, seed=random.randrange(1000), workdir=tmp_path, progress=False,
+        )  # fmt: skip
+        return run_demo(**{**options, **overrides})
+
+    return run

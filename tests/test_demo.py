@@ -1,7 +1,6 @@
 """A tiny, fast version of ``fastdpo demo``: the story runs end to end and DPO wins held-out pairs."""
 
 import json
-import random
 import re
 
 import pytest
@@ -14,18 +13,8 @@ SUMMARY = re.compile(
 )
 
 
-def test_tiny_demo_improves_heldout_reward_accuracy(tmp_path, capsys):
-    result = run_demo(
-        max_operand=20,
-        hidden_size=48,
-        sft_steps=300,
-        sft_batch_size=64,
-        dpo_steps=30,
-        tokens_per_step=512,
-        seed=random.randrange(1000),
-        workdir=tmp_path,
-        progress=False,
-    )
+def test_tiny_demo_improves_heldout_reward_accuracy(tmp_path, capsys, run_tiny_demo):
+    result = run_tiny_demo()
     lines = capsys.readouterr().out.strip().splitlines()
     match = SUMMARY.fullmatch(lines[-1])
     assert match, lines[-1]

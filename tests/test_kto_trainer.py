@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from fastdpo import FusedLinearKTOLoss
 from fastdpo.data_unpaired import balance_warning, kl_completions, load_unpaired_data, tokenize_unpaired
-from fastdpo.demo import addition_feedback, build_model, build_tokenizer, demo_train_config, run_demo
+from fastdpo.demo import addition_feedback, build_model, build_tokenizer, demo_train_config
 from fastdpo.distributed import unwrap_model
 from fastdpo.errors import UserError
 from fastdpo.losses import kto as kto_losses
@@ -515,19 +515,8 @@ def test_demo_yaml_is_the_kto_demos_train_config():
 
 
 @pytest.mark.slow
-def test_tiny_kto_demo_widens_the_heldout_reward_gap(tmp_path, capsys):
-    result = run_demo(
-        max_operand=20,
-        hidden_size=48,
-        sft_steps=300,
-        sft_batch_size=64,
-        dpo_steps=30,
-        tokens_per_step=512,
-        seed=random.randrange(1000),
-        workdir=tmp_path,
-        progress=False,
-        loss="kto",
-    )
+def test_tiny_kto_demo_widens_the_heldout_reward_gap(tmp_path, capsys, run_tiny_demo):
+    result = run_tiny_demo(loss="kto")
     lines = capsys.readouterr().out.strip().splitlines()
     match = re.fullmatch(
         r"held-out desirable vs undesirable reward gap (-?\d+\.\d{3}) -> (-?\d+\.\d{3})", lines[-1]
