@@ -34,10 +34,12 @@ def small_chunks(monkeypatch):
     """64 tokens x 384 vocab per chunk: interpreter-sized problems still span several chunks.
 
     Not fewer tokens: the CPU BLAS sums matmuls of a handful of rows less accurately than larger ones
-    (up to 4x plain PyTorch's error at 16 rows in fp32), which says nothing about the chunked code.
+    (up to 4x plain PyTorch's error at 16 rows in fp32), which says nothing about the chunked code. The
+    torch fold's row blocks (``_FOLD_BLOCK_ELEMENTS``) are cut to 13 rows of 384, so chunks span several.
     """
     monkeypatch.setattr(_head_chunked, "_CHUNK_M", 64)
     monkeypatch.setattr(_head_chunked, "_MAX_CHUNK_V", 384)
+    monkeypatch.setattr(_head_chunked, "_FOLD_BLOCK_ELEMENTS", 13 * 384)
 
 
 def _device(backend: str) -> str:
@@ -297,6 +299,18 @@ def test_torch_backend_is_bitwise_trl_under_bf16_autocast(monkeypatch):
             torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-6 * a.abs().max().item(), msg=name)
         else:
             assert torch.equal(a.detach(), c.detach()), name
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_torch_fold_row_blocks_change_no_bit(monkeypatch, stats):
+    """Every step of the torch fold is row-wise, so its row blocks (one row, or the whole chunk) are free."""
+    hidden, weight, b, targets = _make((3, 37), 24, 1000, torch.float32, "cpu", bias=True)
+    runs = []
+    for block in (1, 10**9):
+        monkeypatch.setattr(_head_chunked, "_FOLD_BLOCK_ELEMENTS", block)
+        r = linear_logprobs(hidden, weight, targets, b, softcap=4.0, backend="torch", stats=stats)
+        runs.append([r] if not stats else [r.logps, r.entropy, r.log_sum_p2, r.mean_logit, r.is_argmax])
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

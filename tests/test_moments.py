@@ -70,6 +70,21 @@ def test_without_extension_the_twin_answers(monkeypatch):
     np.testing.assert_array_equal(softmax_moments(z, e).numpy(), softmax_moments_numpy(z.numpy(), e.numpy()))
 
 
+@pytest.mark.parametrize("ext", [True, False], ids=["extension", "twin"])
+def test_out_takes_a_column_slice(monkeypatch, ext):
+    """``out=`` writes into a slice of a wider ``[3, N]`` (the fold's row blocks) and leaves the rest."""
+    if ext and not HAS_CPP:
+        pytest.skip("fastdpo._C not built")
+    if not ext:
+        monkeypatch.setattr(_moments, "_C", None)
+    z, e = _chunk(7, 300, 4)
+    wide = torch.full((3, 12), float("nan"))
+    got = softmax_moments(z, e, out=wide[:, 2:9])
+    assert got.data_ptr() == wide[:, 2:9].data_ptr()
+    np.testing.assert_array_equal(wide[:, 2:9].numpy(), softmax_moments_numpy(z.numpy(), e.numpy()))
+    assert wide[:, :2].isnan().all() and wide[:, 9:].isnan().all()
+
+
 @pytest.mark.parametrize("n, c", [(0, 100), (4, 0), (3, 70001), (129, 4099)])
 def test_matches_float64(n, c):
     """Within twice plain fp32 torch's own error (plus a few ulp) of the float64 sums."""

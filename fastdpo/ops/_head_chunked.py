@@ -3,7 +3,8 @@
 Dimension letters: M valid tokens, D hidden, V vocab; a chunk is ``[CM, CV]`` tokens x vocab.
 
 Forward, per chunk: ``buf = H_c @ W_c.T (+ b_c)`` by ``torch.mm`` (cuBLAS on a GPU) in the compute dtype,
-then a fold turns the chunk into the running max, sum-exp, target logit and the statistics. Backward
+then a fold turns the chunk into the running max, sum-exp, target logit and the statistics (on the CPU
+by blocks of rows that stay in cache; every step is row-wise, so the blocks change no bit). Backward
 recomputes each chunk, the fold turns it in place into ``dz = d logp / d logits``, and
 ``dH += dz @ W_c``, ``dW_c += dz.T @ H_c`` accumulate in fp32. The fold is a Triton kernel on the triton
 backend (:mod:`fastdpo.ops._head_triton`) and the same math in torch on the torch backend. Every step is a
@@ -32,13 +33,16 @@ __all__ = ["chunk_shape", "chunked_backward", "chunked_forward"]
 
 # Elements of the one logits buffer (the impl's extra memory beside the fp32 gradient accumulators). On a
 # GPU, TRL's tile of 4096 x 32768 (256 MiB in bf16) keeps cuBLAS at full speed. On the CPU the torch fold
-# adds up to two fp32 buffers of the chunk's size, so the buffer stays at 4M elements (16 MiB).
+# adds an fp32 copy of a bf16/fp16 chunk, so the buffer stays at 4M elements (16 MiB).
 _GPU_CHUNK_ELEMENTS = 4096 * 32768
 _CPU_CHUNK_ELEMENTS = 4096 * 1024
 _CHUNK_M = 4096
 _MAX_CHUNK_V = 32768
 _MIN_CHUNK_V = 256
 _CPU_SCRATCH = threading.local()
+# Elements per row block of the torch fold on the CPU: 2 MiB of fp32 logits (and as much of exponentials
+# with statistics) stay in the last-level cache through the block's max, exponentials, sums and moments.
+_FOLD_BLOCK_ELEMENTS = 1 << 19
 # |dz| <= |g| / T; scaled to at most 2**14, the largest fp16 product stays finite and entries down to
 # 2**-38 of the largest survive (fp16's smallest subnormal is 2**-24).
 _FP16_DZ_MAX = 2.0**14
@@ -77,19 +81,20 @@ def _transform(raw: torch.Tensor, inv_temp: float, softcap: float | None):
 
 
 def _exp_scratch(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """fp32 ``shape`` for the torch fold's exponentials: on the CPU one buffer per thread, kept and reused.
+    """Flat fp32 room for the exponentials of one :func:`_fold_rows` block of any chunk up to ``shape``.
 
-    A fresh chunk-sized buffer each call costs the CPU a page fault per 4 KiB page, more than the
-    statistics themselves; CUDA's caching allocator reuses memory already. The buffer is at most the CPU
-    chunk budget (16 MiB).
+    On the CPU a block holds at most ``max(_FOLD_BLOCK_ELEMENTS, CV)`` elements, and the buffer is one per
+    thread, kept and reused: a fresh one each call costs a page fault per 4 KiB page, more than the
+    statistics themselves. CUDA's caching allocator reuses memory already.
     """
-    numel = shape[0] * shape[1]
+    cm, cv = shape
     if device.type != "cpu":
-        return torch.empty(shape, device=device, dtype=torch.float32)
+        return torch.empty(cm * cv, device=device, dtype=torch.float32)
+    numel = min(cm * cv, max(_FOLD_BLOCK_ELEMENTS, cv))
     buf = getattr(_CPU_SCRATCH, "buf", None)
     if buf is None or buf.numel() < numel:
         buf = _CPU_SCRATCH.buf = torch.empty(numel, dtype=torch.float32)
-    return buf[:numel].view(shape)
+    return buf[:numel]
 
 
 def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
@@ -105,8 +110,8 @@ def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
 def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap, scratch=None):
     """Folds one logits chunk ``[n, CV]`` into ``state``, the chunk's rows ``[K, n]`` of :func:`new_state`.
 
-    The chunk is scratch afterwards. With statistics the exponentials go to ``scratch`` (fp32, at least the
-    chunk's shape; see :func:`_exp_scratch`) and :func:`softmax_moments` reads the logits and them once.
+    The chunk is scratch afterwards. With statistics the exponentials go to ``scratch`` (flat fp32 of
+    :func:`_exp_scratch`, one row block's worth) and :func:`softmax_moments` reads the logits and them.
     """
     z, _ = _transform(tile.float(), inv_temp, softcap)
     run_max, sum_exp, target = state[0], state[1], state[2]
@@ -114,8 +119,9 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap, scratch=None
     local = targets - v0
     n_rows, n_cols = z.shape
     inside = (local >= 0) & (local < n_cols)
-    chunk_max = z.amax(-1)
     picked = z.gather(1, local.clamp(0, n_cols - 1)[:, None])[:, 0]
+    target.copy_(torch.where(inside, picked, target))
+    chunk_max, new_max, chunk_sum, moments = _fold_rows(z, run_max, scratch if has_stats else None)
     if has_stats:
         max_before = state[6]
         # max_before only decides ``target > max_before`` (see Partials): a chunk wholly left of the
@@ -128,22 +134,48 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap, scratch=None
         first = z.argmax(-1)[rows] if 2 * rows.numel() > n_rows else z[rows].argmax(-1)
         late = rows[first < local[rows]]
         max_before[late] = torch.maximum(max_before[late], picked[late])
-    target.copy_(torch.where(inside, picked, target))
-    new_max = torch.maximum(run_max, chunk_max)
     rescale = torch.exp(run_max - new_max)
-    if has_stats:
-        out = None if scratch is None else scratch[:n_rows, :n_cols]
-        e = torch.sub(z, new_max[:, None], out=out).exp_()
-    else:
-        e = z.sub_(new_max[:, None]).exp_()
-    sum_exp.mul_(rescale).add_(e.sum(-1))
+    sum_exp.mul_(rescale).add_(chunk_sum)
     if has_stats:
         sum_z, sum_exp_z, sum_exp2 = state[5], state[3], state[4]
-        moments = softmax_moments(z, e)
         sum_z += moments[0]
         sum_exp_z.mul_(rescale).add_(moments[1])
         sum_exp2.mul_(rescale * rescale).add_(moments[2])
     run_max.copy_(new_max)
+
+
+def _row_block(n_rows: int, n_cols: int, device: torch.device) -> int:
+    """Rows per block of :func:`_fold_rows`: about ``_FOLD_BLOCK_ELEMENTS`` elements on the CPU, else all."""
+    if device.type != "cpu":
+        return n_rows
+    return max(1, min(n_rows, _FOLD_BLOCK_ELEMENTS // max(n_cols, 1)))
+
+
+def _fold_rows(z, run_max, scratch):
+    """``(chunk max, new running max, sum e, moments or None)`` of ``e = exp(z - new max)``, row by row.
+
+    Every step is torch's own row-wise op, so the bits do not depend on the blocks; blocks of rows keep the
+    chunk in the last-level cache from its max to its moments, instead of streaming it from memory for each
+    step. Without ``scratch`` the exponentials overwrite ``z``; with it they go there, and
+    :func:`softmax_moments` reads ``z`` and them while both are in cache.
+    """
+    n_rows, n_cols = z.shape
+    chunk_max, new_max, sums = (torch.empty(n_rows, device=z.device, dtype=torch.float32) for _ in range(3))
+    moments = None if scratch is None else torch.empty(3, n_rows, device=z.device, dtype=torch.float32)
+    step = _row_block(n_rows, n_cols, z.device)
+    for r0 in range(0, n_rows, step):
+        rows = slice(r0, min(r0 + step, n_rows))
+        zb = z[rows]
+        torch.amax(zb, -1, out=chunk_max[rows])
+        torch.maximum(run_max[rows], chunk_max[rows], out=new_max[rows])
+        if scratch is None:
+            e = zb.sub_(new_max[rows, None])
+        else:
+            e = torch.sub(zb, new_max[rows, None], out=scratch[: zb.numel()].view(zb.shape))
+        torch.sum(e.exp_(), -1, out=sums[rows])
+        if moments is not None:
+            softmax_moments(zb, e, out=moments[:, rows])
+    return chunk_max, new_max, sums, moments
 
 
 def torch_fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):

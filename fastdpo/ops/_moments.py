@@ -24,16 +24,18 @@ _LANES = 16
 _BLOCK = 256
 
 
-def softmax_moments(z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+def softmax_moments(z: torch.Tensor, e: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch.stack([z.sum(-1), (e * z).sum(-1), (e * e).sum(-1)])``: fp32 ``[3, n]`` of ``[n, c]`` chunks.
 
     Args:
         z: fp32 ``[n, c]`` with unit stride along ``c`` (rows may be strided, as a view of a larger buffer).
         e: fp32 ``[n, c]``, the same layout rules.
+        out: optional fp32 ``[3, n]`` with unit stride along ``n`` to write the sums into (and return).
     """
-    if z.device.type != "cpu":
-        return torch.stack([z.sum(-1), (e * z).sum(-1), (e * e).sum(-1)])
-    out = torch.empty(3, z.shape[0], dtype=torch.float32)
+    if out is None:
+        out = torch.empty(3, z.shape[0], device=z.device, dtype=torch.float32)
+    if not z.is_cpu:
+        return torch.stack([z.sum(-1), (e * z).sum(-1), (e * e).sum(-1)], out=out)
     if _C is None:
         out.copy_(torch.from_numpy(softmax_moments_numpy(z.numpy(), e.numpy())))
     else:
