@@ -231,8 +231,7 @@ def head_impl(impl: str | None, args: Any) -> str | None:
 
 
 def ref_adapter(trainer: Any) -> contextlib.AbstractContextManager:
-    """As TRL: with no ``ref_model``, a PEFT policy scores the reference with its ``"ref"`` adapter or none.
-    """
+    """As TRL: without ``ref_model``, a PEFT policy scores the reference with its "ref" adapter, if any."""
     if trainer.ref_model is None and is_peft_model(trainer.model):
         unwrapped = trainer.accelerator.unwrap_model(trainer.model)
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
