@@ -3,10 +3,16 @@
 #
 # torch is installed first and pinned to 2.13.0: an unpinned requirement would pull the newest
 # CUDA build (several GB) even on a CPU-only machine. Set TORCH_SPEC to choose another build.
+# Every other package, build dependencies included, comes at the exact version constraints.txt holds (the
+# versions the test suite last passed with), so a release elsewhere cannot break a fresh clone overnight.
+# FASTDPO_UNLOCKED=1 resolves the newest versions pyproject.toml's ranges allow instead (scripts/upgrade-lock.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[[ -x .venv/bin/python ]] || python3 -m venv .venv
-py=.venv/bin/python
-"$py" -m pip install -q --upgrade pip
+venv=${1:-.venv}
+pins=(--constraint constraints.txt --build-constraint constraints.txt)
+[[ "${FASTDPO_UNLOCKED:-0}" == 1 ]] && pins=()
+[[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
+py=$venv/bin/python
+"$py" -m pip install -q --upgrade pip "${pins[@]}"
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install -q -e ".[test]"
+"$py" -m pip install -q -e ".[test]" "${pins[@]}"

@@ -6,6 +6,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -80,6 +81,26 @@ def test_no_top_level_kernels_module(tmp_path):
     assert str(ROOT.resolve()) not in found["path"]
 
 
+def test_repo_root_does_not_shadow_pypi_kernels():
+    """From the repository root, as ``python -m pytest`` runs, ``import kernels`` is the PyPI package.
+
+    transformers (>= 5.25) imports the PyPI package ``kernels``; a top-level ``kernels/`` package of ours on
+    sys.path first would break ``import trl``. The working directory is on sys.path under ``-c`` as under ``-m``.
+    """
+    code = (
+        "import pathlib\n"
+        "import trl, transformers.integrations.hub_kernels\n"
+        "from trl import DPOConfig, KTOConfig\n"
+        "import fastdpo.kernels.linear_logprobs, kernels\n"
+        f"root = pathlib.Path({str(ROOT)!r}).resolve()\n"
+        "assert pathlib.Path(kernels.__file__).resolve().parent != root / 'kernels', kernels.__file__\n"
+        "origin = pathlib.Path(fastdpo.kernels.linear_logprobs.__file__).resolve()\n"
+        "assert origin.parent.name == 'kernels', origin\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def test_ruff_clean():
     # ruff is a test extra, run from this interpreter: CI does not put the venv's bin/ on PATH.
     cmd = [sys.executable, "-m", "ruff", "check", "."]
@@ -87,25 +108,34 @@ def test_ruff_clean():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_wheel_ships_kernels_inside_fastdpo(tmp_path):
-    """The built wheel holds fastdpo/kernels/*.py and no top-level kernels/, and works when installed."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "-q",
-            "-w",
-            str(tmp_path),
-            str(ROOT),
-        ],
-        check=True,
-        env={**__import__("os").environ, "FASTDPO_NO_EXT": "1"},
-    )
-    (wheel,) = tmp_path.glob("fastdpo-*.whl")
+def _build_wheel(source: Path, out: Path) -> Path:
+    env = {**os.environ, "FASTDPO_NO_EXT": "1"}
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out)]
+    subprocess.run([*cmd, str(source)], check=True, env=env)
+    (wheel,) = out.glob("fastdpo-*.whl")
+    return wheel
+
+
+def _build_sdist(out: Path) -> Path:
+    env = {**os.environ, "FASTDPO_NO_EXT": "1"}
+    cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check", "-o", str(out)]
+    subprocess.run([*cmd, str(ROOT)], check=True, env=env, capture_output=True)
+    (sdist,) = out.glob("fastdpo-*.tar.gz")
+    return sdist
+
+
+@pytest.mark.parametrize("source", ["tree", "sdist"])
+def test_wheel_ships_kernels_inside_fastdpo(tmp_path, source):
+    """The wheel, built from the checkout or from its sdist, holds fastdpo/kernels/*.py and no top-level
+    kernels/, and works when installed, beside the PyPI package ``kernels``."""
+    if source == "sdist":
+        sdist = _build_sdist(tmp_path / "sdist")
+        names = tarfile.open(sdist).getnames()
+        assert any(n.endswith("/kernels/linear_logprobs.py") for n in names)
+        assert any(n.endswith("/csrc/pack_planner.cpp") for n in names)
+        wheel = _build_wheel(sdist, tmp_path)
+    else:
+        wheel = _build_wheel(ROOT, tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert "fastdpo/kernels/linear_logprobs.py" in names
     assert "fastdpo/kernels/preference_loss.py" in names
@@ -114,18 +144,14 @@ def test_wheel_ships_kernels_inside_fastdpo(tmp_path):
     with zipfile.ZipFile(wheel) as zf:
         zf.extractall(site)
     code = (
-        "import torch, fastdpo\n"
+        "import torch, fastdpo, transformers.integrations.hub_kernels\n"
         f"assert fastdpo.__file__.startswith({str(site)!r}), fastdpo.__file__\n"
         "from fastdpo.kernels import linear_logprobs as k\n"
+        f"assert k.__file__.startswith({str(site)!r}), k.__file__\n"
         "h, w = torch.randn(5, 8), torch.randn(11, 8)\n"
         "t = torch.tensor([1, 2, -100, 3, 10])\n"
         "out = fastdpo.linear_logprobs(h, w, t, backend='torch')\n"
         "ref = (h @ w.T).log_softmax(-1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != -100)\n"
         "assert torch.allclose(out, ref, atol=1e-5)\n"
     )
-    subprocess.run(
-        [sys.executable, "-c", code],
-        check=True,
-        cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": str(site)},
-    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
