@@ -9,10 +9,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${1:-.venv}
-pins=(--constraint constraints.txt --build-constraint constraints.txt)
-[[ "${FASTDPO_UNLOCKED:-0}" == 1 ]] && pins=()
+lock=(--constraint constraints.txt)
+[[ "${FASTDPO_UNLOCKED:-0}" == 1 ]] && lock=()
 [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
 py=$venv/bin/python
-"$py" -m pip install -q --upgrade pip "${pins[@]}"
+# The venv's own pip may predate --build-constraint, so pip itself comes first, through the lock alone.
+"$py" -m pip install -q --upgrade pip "${lock[@]}"
 "$py" -c "import torch" 2>/dev/null || "$py" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-"$py" -m pip install -q -e ".[test]" "${pins[@]}"
+"$py" -m pip install -q -e ".[test]" "${lock[@]}" ${lock:+--build-constraint constraints.txt}
