@@ -85,7 +85,8 @@ def test_repo_root_does_not_shadow_pypi_kernels():
     """From the repository root, as ``python -m pytest`` runs, ``import kernels`` is the PyPI package.
 
     transformers (>= 5.25) imports the PyPI package ``kernels``; a top-level ``kernels/`` package of ours on
-    sys.path first would break ``import trl``. The working directory is on sys.path under ``-c`` as under ``-m``.
+    sys.path first would break ``import trl``. The working directory is on sys.path under ``-c`` as under
+    ``-m``.
     """
     code = (
         "import pathlib\n"
@@ -118,7 +119,8 @@ def _build_wheel(source: Path, out: Path) -> Path:
 
 def _build_sdist(out: Path) -> Path:
     env = {**os.environ, "FASTDPO_NO_EXT": "1"}
-    cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check", "-o", str(out)]
+    cmd = [sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check"]
+    cmd += ["-o", str(out)]
     subprocess.run([*cmd, str(ROOT)], check=True, env=env, capture_output=True)
     (sdist,) = out.glob("fastdpo-*.tar.gz")
     return sdist
@@ -154,4 +156,5 @@ def test_wheel_ships_kernels_inside_fastdpo(tmp_path, source):
         "ref = (h @ w.T).log_softmax(-1).gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != -100)\n"
         "assert torch.allclose(out, ref, atol=1e-5)\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env)
