@@ -6,6 +6,7 @@ WordLevel tokenizer and an in-memory unpaired dataset (prompt / completion / lab
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import math
@@ -188,6 +189,172 @@ def test_lora_reference_is_adapter_disabled(tmp_path: Path, no_trl_head) -> None
     assert all("lora" in name for name in runs[1][1])
     assert abs(runs[1][2]["rewards/chosen"]) > 1e-4
     _assert_same(*runs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_dtype(dtype: torch.dtype, tmp_path: Path, no_trl_head) -> None:
+    """TRL's ``model_init_kwargs={"dtype": ...}``: policy and reference in fp16 / bf16, no autocast. Both
+    heads multiply in the model dtype and sum in fp32: the same loss, gradients (in the model dtype) and
+    metrics as stock, to the fp32 tolerance."""
+    policy, reference = _kto_states()
+    runs = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        trainer = cls(
+            model=_model(policy).to(dtype), ref_model=_model(reference).to(dtype), args=_args(tmp_path),
+            train_dataset=_dataset(), processing_class=_tokenizer(),
+        )  # fmt: skip
+        runs.append(_one_batch(trainer))
+    assert all(g.dtype == dtype for g in runs[1][1].values())
+    assert runs[0][2]["kl"] > 0
+    _assert_same(*runs)
+
+
+def _same_or_both_nan(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.isnan(), b.isnan()) and torch.allclose(a[~a.isnan()], b[~b.isnan()], rtol=1e-5)
+
+
+def test_non_finite_kl_completion_is_trls(
+    tmp_path: Path, no_trl_head, caplog: pytest.LogCaptureFixture
+) -> None:
+    """fp16 overflow in one KL completion: TRL's KL term (a plain mean) is NaN, and so is its loss; the
+    drop-in gives the same numbers instead of stopping the run, and warns with the count of them."""
+    policy, reference = _kto_states()
+    # The reference's embedding of one word overflows (inf), as an fp16 activation can: every sequence
+    # holding it scores NaN under the reference, the KL completion built from its prompt included.
+    token = _tokenizer().convert_tokens_to_ids(WORDS[0])
+    reference["model.embed_tokens.weight"][token] = float("inf")
+    dataset = _dataset()
+    batch = [dataset[i]["prompt"] + dataset[i]["completion"] for i in range(test_trl_integration.BATCH)]
+    runs = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        trainer = cls(
+            model=_model(policy).half(), ref_model=_model(reference).half(), args=_args(tmp_path),
+            train_dataset=dataset, processing_class=_tokenizer(),
+        )  # fmt: skip
+        with caplog.at_level("WARNING", logger="fastdpo.integrations.trl.kto"):
+            runs.append(_one_batch(trainer))
+    assert sum(WORDS[0] in text.split() for text in batch) == 1  # one poisoned sequence, the rest finite
+    (stock_loss, stock_grads, stock_metrics), (fast_loss, fast_grads, fast_metrics) = runs
+    assert math.isnan(stock_metrics["kl"]) and math.isnan(fast_metrics["kl"])
+    assert _same_or_both_nan(fast_loss, stock_loss) and fast_loss.isnan()
+    assert set(fast_grads) == set(stock_grads)
+    for name, g in stock_grads.items():
+        assert _same_or_both_nan(fast_grads[name].float(), g.float()), name
+    assert set(fast_metrics) == set(stock_metrics)
+    for key, value in stock_metrics.items():
+        assert math.isnan(value) == math.isnan(fast_metrics[key]), key
+        if not math.isnan(value):
+            assert math.isclose(fast_metrics[key], value, rel_tol=1e-3, abs_tol=1e-4), key
+    warnings = [r.getMessage() for r in caplog.records if "KL completions" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{_poisoned_kl_rows(dataset)} of 4 KL completions")
+
+
+def _poisoned_kl_rows(dataset: Dataset) -> int:
+    """How many of the first batch's KL completions (TRL's: each prompt with the previous row's completion)
+    hold the poisoned word."""
+    rows = [dataset[i] for i in range(test_trl_integration.BATCH)]
+    kl_texts = [rows[i]["prompt"] + rows[i - 1]["completion"] for i in range(len(rows))]
+    return sum(WORDS[0] in text.split() for text in kl_texts)
+
+
+def _default_lora_run(cls, tmp_path: Path, peft_model) -> tuple:
+    """TRL's ``test_train_peft_model``: a ``PeftModel`` with PEFT's default ``LoraConfig`` (B = 0) and no
+    ``ref_model``, so TRL adds a "ref" copy of the adapter; ``KTOConfig``'s default gradient checkpointing,
+    switched on as ``Trainer.train`` does, so the policy backward recomputes its layers."""
+    trainer = cls(
+        model=peft_model, args=_args(tmp_path, gradient_checkpointing=True, learning_rate=1.0),
+        train_dataset=_dataset(), processing_class=_tokenizer(),
+    )  # fmt: skip
+    assert trainer.ref_model is None and set(trainer.model.peft_config) == {"default", "ref"}
+    trainer.model.activation_checkpointing_enable(trainer.args.activation_checkpointing_kwargs)
+    assert trainer.model.is_gradient_checkpointing
+    return _one_batch(trainer)
+
+
+def test_default_lora_without_reference_model(tmp_path: Path, no_trl_head) -> None:
+    """Equal loss, metrics and LoRA gradients given equal adapter weights.
+
+    The 10% first-step grad_norm gap seen in TRL's own test was not the trainer's: with B = 0 the loss does
+    not depend on lora_A, but the B gradients do, and TRL's test draws lora_A from the unseeded global RNG
+    after the previous tests ran, so the stock and the fast runs started from different adapters. The
+    control below shows exactly that signature: same loss, different gradients.
+    """
+    peft = pytest.importorskip("peft")
+    policy, _ = _states()
+    torch.manual_seed(0)
+    lora = peft.get_peft_model(_model(policy), peft.LoraConfig())
+    stock = _default_lora_run(KTOTrainer, tmp_path, copy.deepcopy(lora))
+    torch.manual_seed(1)
+    redrawn = _default_lora_run(KTOTrainer, tmp_path, peft.get_peft_model(_model(policy), peft.LoraConfig()))
+    no_trl_head()
+    fast = _default_lora_run(FastKTOTrainer, tmp_path, lora)
+    assert stock[1] and all(".default." in name for name in stock[1])
+    _assert_same(stock, fast)
+    torch.testing.assert_close(redrawn[0], stock[0], rtol=1e-6, atol=0)
+    b_grads = [name for name in stock[1] if "lora_B" in name]
+    assert b_grads and all(stock[1][name].abs().max() > 0 for name in b_grads)
+    assert all(not torch.allclose(redrawn[1][name], stock[1][name], rtol=1e-2) for name in b_grads)
+
+
+def _first_loader_batch(trainer) -> tuple:
+    """``_one_batch``, on the first batch of the trainer's own train dataloader (works for iterable data)."""
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    trainer.model.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: float(v[-1]) for k, v in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_iterable_dataset(loss_type: str, tmp_path: Path, no_trl_head) -> None:
+    """A streaming ``IterableDataset``, tokenized lazily, its KL completions built batch by batch."""
+    policy, reference = _kto_states()
+    runs = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        trainer = cls(
+            model=_model(policy), ref_model=_model(reference),
+            args=_args(tmp_path, loss_type=loss_type, max_steps=1),
+            train_dataset=_dataset().to_iterable_dataset(), processing_class=_tokenizer(),
+        )  # fmt: skip
+        runs.append(_first_loader_batch(trainer))
+    assert (runs[0][2]["kl"] > 0) == (loss_type == "kto")
+    _assert_same(*runs)
+
+
+def test_multiple_eval_datasets(tmp_path: Path, no_trl_head) -> None:
+    """``eval_dataset`` as a dict: every dataset's eval metrics (loss, KL, rewards, logits) equal stock's."""
+    policy, reference = _kto_states()
+    results = []
+    for cls in (KTOTrainer, FastKTOTrainer):
+        if cls is FastKTOTrainer:
+            no_trl_head()
+        trainer = cls(
+            model=_model(policy), ref_model=_model(reference), args=_args(tmp_path), train_dataset=_dataset(),
+            eval_dataset={"data1": _dataset(rows=4, seed=1), "data2": _dataset(rows=6, seed=2)},
+            processing_class=_tokenizer(),
+        )  # fmt: skip
+        trainer.evaluate()
+        # One log entry per dataset: its prefixed loss, and TRL's metrics (unprefixed, as TRL logs them).
+        timing = ("_runtime", "_per_second")
+        entries = trainer.state.log_history
+        results.append([{k: v for k, v in e.items() if not k.endswith(timing)} for e in entries])
+    stock, fast = results
+    assert len(stock) == 2 and "eval_data1_loss" in stock[0] and "eval_data2_loss" in stock[1]
+    assert {"eval_kl", "eval_rewards/margins", "eval_logits/chosen"} <= set(stock[1])
+    assert stock[0]["eval_kl"] != stock[1]["eval_kl"]
+    assert [set(e) for e in fast] == [set(e) for e in stock]
+    for stock_entry, fast_entry in zip(stock, fast, strict=True):
+        for key, value in stock_entry.items():
+            got = fast_entry[key]
+            assert math.isclose(got, value, rel_tol=1e-5, abs_tol=1e-6), (key, got, value)
 
 
 def test_without_logit_metrics(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ estimated in the same call from the mismatched (KL) completions, as TRL does.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -119,21 +118,21 @@ def _check_seq_values(name: str, t: object, num_seqs: int, device: torch.device)
 
 
 def _check_kl(kl: object, device: torch.device) -> torch.Tensor:
-    """A caller's KL term: a finite Python number or one-element float tensor; returned as 0-dim fp32."""
+    """A caller's KL term: a Python number or one-element float tensor; returned as 0-dim fp32.
+
+    A non-finite value is accepted and makes the loss non-finite, as any other non-finite input does: it is
+    what TRL's own estimate gives when a KL completion's log-prob is non-finite (e.g. fp16 overflow).
+    """
     if isinstance(kl, torch.Tensor):
         if kl.numel() != 1 or not kl.is_floating_point():
             raise ValueError(
-                f"kl must be a finite scalar (a float or one-element float tensor), got a {kl.dtype} "
+                f"kl must be a scalar (a float or one-element float tensor), got a {kl.dtype} "
                 f"tensor of shape {tuple(kl.shape)}"
             )
-        value = kl.detach().reshape(()).float().to(device)
-    elif isinstance(kl, (int, float)) and not isinstance(kl, bool):
-        value = torch.tensor(float(kl), dtype=torch.float32, device=device)
-    else:
-        raise ValueError(f"kl must be a finite scalar (a float or one-element float tensor), got {kl!r}")
-    if not math.isfinite(value.item()):
-        raise ValueError(f"kl must be a finite scalar, got {value.item()}")
-    return value
+        return kl.detach().reshape(()).float().to(device)
+    if isinstance(kl, (int, float)) and not isinstance(kl, bool):
+        return torch.tensor(float(kl), dtype=torch.float32, device=device)
+    raise ValueError(f"kl must be a scalar (a float or one-element float tensor), got {kl!r}")
 
 
 def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
@@ -198,12 +197,13 @@ class FusedLinearKTOLoss(nn.Module):
     shifted) or packed ``hidden [N, D]`` / ``labels [N]`` with ``seq_index [N]`` and ``num_seqs``; the KL
     completions likewise (``kl_seq_index``, same ``num_seqs``). Both layouts give identical numbers.
 
-    The KL term is one of: ``kl``, a finite scalar the caller computed (used as given); the KL completions
+    The KL term is one of: ``kl``, a scalar the caller computed (used as given); the KL completions
     ``kl_hidden`` / ``kl_labels`` with ``kl_ref_logps`` or ``kl_ref_hidden``, scored here without grad into
     TRL's estimate ``mean(kl_logps - kl_ref_logps)``, averaged across ranks under an initialized
     ``torch.distributed`` and clamped at 0; or nothing, which means 0 (TRL's and Liger's value when no
     KL is computed, and what ``apo_zero_unpaired`` uses). A batch of only desirable or only undesirable
-    sequences is valid. NaN or Inf in the used inputs propagates to the loss.
+    sequences is valid. NaN or Inf in the used inputs propagates to the loss; as in TRL (a plain mean, not
+    ``nanmean``), one non-finite KL log-prob makes the KL term non-finite, and with it the loss.
 
     Under ``torch.autocast``, hidden, weight, bias and the reference tensors may come in any float dtype
     (e.g. fp32 masters): the products run in the autocast dtype, chunk by chunk inside the head, sums run
@@ -296,7 +296,7 @@ class FusedLinearKTOLoss(nn.Module):
                 ``ref_weight`` / ``ref_bias`` (default: the policy's).
             ref_weight: ``[V, D]`` reference lm_head weight (also scores ``kl_ref_hidden``).
             ref_bias: ``[V]`` reference lm_head bias.
-            kl: the KL term as a finite scalar; excludes the KL completions.
+            kl: the KL term as a scalar; excludes the KL completions.
             kl_hidden: policy hidden states of the mismatched completions, ``[S, T', D]`` or ``[N', D]``.
             kl_labels: their labels, ``[S, T']`` or ``[N']``.
             kl_ref_logps: ``[S]`` precomputed reference log-probs of the KL completions.

@@ -10,6 +10,7 @@ at 0), the metric names and their cross-process gathering are TRL's own.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ from fastdpo.integrations.trl.common import (
 from fastdpo.losses.kto import KTO_LOSS_TYPES, FusedLinearKTOLoss, KTOLossOutput
 
 __all__ = ["FastKTOModelOutput", "FastKTOTrainer"]
+
+logger = logging.getLogger(__name__)
 
 # Batch keys that are not model inputs, as TRL 1.16's KTOTrainer lists them.
 _NON_MODEL_KEYS = frozenset(
@@ -127,7 +130,8 @@ class FastKTOTrainer(KTOTrainer):
     ``compute_loss`` (the DDP wrapper in multi-process runs), so DDP's gradient all-reduce stays armed.
     The KL term is TRL's: ``mean(KL_logps - ref_KL_logps)`` over the batch's mismatched completions,
     averaged over processes with ``gather_for_metrics`` and clamped at 0, then handed to the loss as a
-    detached scalar. One departure: TRL averages the losses with ``nanmean``, which drops a sequence whose
+    detached scalar; as TRL's, it is non-finite when a KL completion's log-prob is (a warning counts
+    them). One departure: TRL averages the losses with ``nanmean``, which drops a sequence whose
     log-prob is NaN; here such a sequence makes the loss NaN, so non-finite inputs are never hidden.
 
     Args:
@@ -248,11 +252,9 @@ class FastKTOTrainer(KTOTrainer):
         else:
             ref_model = self.ref_model if self.ref_model is not None else self.model
             ref_logps, ref_kl_logps = self.compute_ref_log_probs(ref_model, inputs)
+        kl = torch.zeros((), device=acc.device)
         if self.calculate_KL:
-            kl = (kl_logps - ref_kl_logps).mean().detach()
-            kl = acc.gather_for_metrics(kl).mean().clamp(min=0)
-        else:
-            kl = torch.zeros((), device=acc.device)
+            kl = self._kl_term(kl_logps, ref_kl_logps)
 
         request = _Request(
             loss_fn=self.fastdpo_loss,
@@ -267,6 +269,29 @@ class FastKTOTrainer(KTOTrainer):
             with torch.no_grad():
                 outputs = model(**model_kwargs)
         return (loss, outputs) if return_outputs else loss
+
+    def _kl_term(self, kl_logps: torch.Tensor, ref_kl_logps: torch.Tensor) -> torch.Tensor:
+        """TRL's KL term: ``mean(KL_logps - ref_KL_logps)``, averaged over processes, clamped at 0.
+
+        As TRL's, a plain mean: a KL completion whose log-prob is non-finite (e.g. an fp16 overflow) makes
+        the term non-finite, and with it the loss, exactly as in ``trl.KTOTrainer`` (whose ``nanmean`` is
+        over the losses, not the KL term). Such completions are counted over all processes and reported in
+        a warning, so a non-finite step is never silent.
+        """
+        acc = self.accelerator
+        diff = (kl_logps - ref_kl_logps).detach()
+        kl = acc.gather_for_metrics(diff.mean()).mean().clamp(min=0)
+        non_finite = int(acc.gather_for_metrics((~diff.isfinite()).sum()).sum().item())
+        if non_finite:
+            total = int(acc.gather_for_metrics(torch.tensor(diff.numel(), device=diff.device)).sum().item())
+            logger.warning(
+                "%d of %d KL completions have a non-finite policy or reference log-prob; the KL term is %s, "
+                "as trl.KTOTrainer's is, so this batch's loss is not finite",
+                non_finite,
+                total,
+                kl.item(),
+            )
+        return kl
 
     def _log_metrics(
         self,
