@@ -1,4 +1,4 @@
-"""The ``fastdpo`` command: ``train`` (YAML config plus overrides), ``demo`` and ``bench``.
+"""The ``fastdpo`` command: ``train`` (YAML config plus overrides), ``plan``, ``demo`` and ``bench``.
 
 ``fastdpo train --config run.yaml --lr 5e-7 --set beta=0.05`` builds a ``TrainConfig`` from the dataclass
 defaults, then the YAML file, then the ``--<option>`` flags, then the ``--set key=value`` pairs (later wins),
@@ -37,6 +37,7 @@ import yaml
 
 from fastdpo.data_sources import check_data_path
 from fastdpo.errors import UserError
+from fastdpo.longctx import default_alloc_conf
 from fastdpo.train import TrainConfig, train
 
 __all__ = ["build_parser", "check_run", "load_config", "main"]
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Accepted after the command name too; SUPPRESS keeps a subcommand from resetting a leading --debug.
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,demo,bench}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,plan,demo,bench}")
 
     train = commands.add_parser(
         "train",
@@ -117,6 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--print-config", action="store_true", help="print the resolved config as YAML and exit"
     )
     _add_config_flags(train)
+
+    plan = commands.add_parser(
+        "plan",
+        parents=[debug],
+        usage="fastdpo plan [-h] [-c YAML] [--gpu-memory SIZE] [--fit] [--compare-trl] [--json] "
+        "[--OPTION VALUE ...]",
+        help="the memory one training step of a config needs, planned on the meta device; what fits",
+        description="Runs one optimizer step of `fastdpo train` with the same options on the meta device "
+        "(the model from its config.json only, never its weights) and prints its peak device memory, where "
+        "it falls and what holds it. --device cuda (the default for auto) or cpu is the device planned for.",
+    )
+    plan.add_argument("-c", "--config", metavar="YAML", help="YAML file of TrainConfig options")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument(
+        "--gpu-memory",
+        metavar="SIZE",
+        help="the card's memory, e.g. 80GiB or 80GB (default: the local GPU's)",
+    )
+    plan.add_argument(
+        "--fit", action="store_true", help="find the largest tokens_per_step that fits, with the margin"
+    )
+    plan.add_argument(
+        "--compare-trl", action="store_true", help="also plan stock TRL 1.16 DPOTrainer's compute path"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    _add_config_flags(plan)
 
     demo = commands.add_parser(
         "demo",
@@ -167,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default="bench-results", help="folder for the CSVs and the plot (default: bench-results)"
     )
-    for sub in (train, demo, bench):
+    for sub in (train, plan, demo, bench):
         sub.set_defaults(command_parser=sub)
     return parser
 
@@ -275,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args, main_rank)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "demo":
             return _demo(args)
         return _bench(args, extra)
@@ -283,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace, main_rank: bool) -> int:
+    # Before anything touches CUDA: the caching allocator reads its config once, at initialization.
+    default_alloc_conf(os.environ)
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     flags = {k: v for k, v in vars(args).items() if k in names}
     try:
@@ -300,6 +331,21 @@ def _train(args: argparse.Namespace, main_rank: bool) -> int:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/")))
         print(f"{split}: {shown}")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from fastdpo.planner.command import run_plan
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    flags = {k: v for k, v in vars(args).items() if k in names}
+    try:
+        # The planner reads no data: a config without any is planned all the same.
+        config = load_config(args.config, flags={"data": "-", **flags}, overrides=args.overrides)
+        return run_plan(
+            config, gpu_memory=args.gpu_memory, fit=args.fit, compare_trl=args.compare_trl, as_json=args.json
+        )
+    except (ValueError, TypeError, OSError) as e:
+        return _fail(args, e)
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastdpo.metarun import planning_for
+from fastdpo.ops.packed_attention import ATTENTION_NAME, register_attention
 from fastdpo.packing import PackedBatch
 
 __all__ = [
@@ -39,10 +41,16 @@ __all__ = [
     "resolve_attn_backend",
 ]
 
-ATTN_BACKENDS = ("flash", "flex", "sdpa", "eager")
+ATTN_BACKENDS = ("flash", "flex", "sdpa", "eager", "packed")
 
 # The transformers attention implementation each backend runs under.
-_BACKEND_IMPL = {"flash": "flash_attention_2", "flex": "flex_attention", "sdpa": "sdpa", "eager": "eager"}
+_BACKEND_IMPL = {
+    "flash": "flash_attention_2",
+    "flex": "flex_attention",
+    "sdpa": "sdpa",
+    "eager": "eager",
+    "packed": ATTENTION_NAME,
+}
 
 MaskMod = Callable[[Any, Any, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -83,6 +91,8 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def _backend_of_impl(impl: str | None) -> str | None:
     if impl is None:
         return None
+    if impl == ATTENTION_NAME:
+        return "packed"
     if impl == "flex_attention":
         return "flex"
     if impl in ("sdpa", "eager"):
@@ -129,6 +139,8 @@ def resolve_attn_backend(model: nn.Module, *, shared_prompt: bool, attn_backend:
         raise ValueError(f"attn_backend must be None or one of {ATTN_BACKENDS}, got {attn_backend!r}")
     _, decoder = _unwrap(model)
     impl = getattr(decoder.config, "_attn_implementation", None)
+    if _model_device(decoder).type == "meta":
+        return _planned_backend(attn_backend or _backend_of_impl(impl))
     backend = attn_backend or _backend_of_impl(impl)
     if backend is None:
         raise ValueError(
@@ -149,6 +161,14 @@ def resolve_attn_backend(model: nn.Module, *, shared_prompt: bool, attn_backend:
             )
             backend = "flex"
     return backend
+
+
+def _planned_backend(backend: str | None) -> str:
+    """The backend of a meta run (fastdpo plan): the packed op stands in for flash-attn and flex attention
+    (both hold out and lse, no mask) when planning for CUDA; the CPU runs what the model is set up for."""
+    if planning_for() == "cuda" and backend in (None, "flash", "flex"):
+        return "packed"
+    return backend or "sdpa"
 
 
 def packed_mask_mod(batch: PackedBatch) -> MaskMod:
@@ -220,6 +240,8 @@ def _check_layout(batch: PackedBatch) -> None:
 
 
 def _use_backend(lm: nn.Module, decoder: nn.Module, backend: str) -> None:
+    if backend == "packed":
+        register_attention()
     # The switch is persistent on purpose: gradient checkpointing re-runs the layers during backward, after
     # this call returns, and the recomputation must see the implementation the mask was built for.
     if _backend_of_impl(decoder.config._attn_implementation) != backend:
@@ -275,9 +297,9 @@ def packed_hidden_states(
 
     extra: dict[str, Any] = {}
     mask: Any = None
-    if backend == "flash":
+    if backend in ("flash", "packed"):
         cu_seqlens = batch.cu_seqlens.to(torch.int32)
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        max_len = batch.max_seqlen
         extra = {
             "cu_seq_lens_q": cu_seqlens,
             "cu_seq_lens_k": cu_seqlens,

@@ -14,10 +14,12 @@ import heapq
 import operator
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from fastdpo.metarun import remember_values
 
 try:
     from fastdpo import _C
@@ -69,6 +71,7 @@ class PackedBatch:
     prefix_len: torch.Tensor
     num_pairs: int
     preference_labels: torch.Tensor | None = None
+    _meta_hints: dict | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -76,10 +79,24 @@ class PackedBatch:
 
     @property
     def has_shared_prompt(self) -> bool:
+        if self.prefix_segment.is_meta:  # fastdpo plan: known from the batch it was moved from
+            return bool(self._meta_hints["shared_prompt"])
         return bool((self.prefix_segment >= 0).any())
+
+    @property
+    def max_seqlen(self) -> int:
+        """The longest attention segment, in tokens."""
+        if self.cu_seqlens.is_meta:
+            return int(self._meta_hints["max_seqlen"])
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
 
     def to(self, device: torch.device | str) -> PackedBatch:
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        if torch.device(device).type == "meta":
+            # Meta tensors have no values: what the host reads from the batch travels beside them.
+            moved["_meta_hints"] = {"shared_prompt": self.has_shared_prompt, "max_seqlen": self.max_seqlen}
+            for name in ("labels", "seq_index"):
+                remember_values(moved[name], getattr(self, name))
         return PackedBatch(**moved)
 
 

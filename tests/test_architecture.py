@@ -16,6 +16,7 @@ LAYERS = {
     "fastdpo.ops": 1,
     "fastdpo.losses": 2,
     "fastdpo.train": 3,
+    "fastdpo.planner": 3,
     "fastdpo.integrations": 3,
     "fastdpo.cli": 4,
     "fastdpo.demo": 4,

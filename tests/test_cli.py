@@ -68,7 +68,7 @@ def test_print_config_round_trips(tmp_path, capsys):
         (["--set", "betta=0.2"], "'betta' (did you mean 'beta'?)"),
         (["--set", "beta"], "expected KEY=VALUE"),
         (["--max-length", "abc"], "max_length: expected int"),
-        (["--tokens-per-step", "100"], "tokens_per_step: expected an int >= 2 * max_length"),
+        (["--tokens-per-step", "100"], "tokens_per_step: expected auto or an int >= 2 * max_length"),
         (["--reference", "model"], "ref_model"),
         (["--reference", "adapter"], "lora_r"),
         (["--loss-type", "dpo"], "loss_type"),

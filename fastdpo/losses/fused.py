@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from fastdpo.errors import finite_float
 from fastdpo.losses.tokens import Tokens, gather_rows, reduce_tokens, scatter_rows
+from fastdpo.metarun import autocast_dtype, autocast_off
 from fastdpo.ops.linear_logprobs import (
     TokenStats,
     filter_threshold,
@@ -86,10 +87,6 @@ class LossParts:
 
 # (per-token log-probs [M], their TokenStats or None) -> LossParts
 SequenceLoss = Callable[[torch.Tensor, "TokenStats | None"], LossParts]
-
-
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
 def detach(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -199,7 +196,7 @@ def fused_head_loss(
     hidden2d = tokens.hidden2d
     run = _Run.resolve(head, hidden2d)
     # The sequence loss's fp32 math must not be autocast; the head disables autocast itself.
-    with torch.autocast(hidden2d.device.type, enabled=False):
+    with autocast_off(hidden2d.device):
         out = _FusedLinearPreferenceLossFunction.apply(
             hidden2d, weight, bias, tokens, run, stats, sequence_loss
         )

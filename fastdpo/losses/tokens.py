@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdpo.metarun import autocast_dtype, host_values
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -109,7 +111,7 @@ def check_linear(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         check_tensor(f"{name}bias", bias)
         if tuple(bias.shape) != (weight.shape[0],):
             raise ValueError(f"{name}bias must be [V]=[{weight.shape[0]}], got {tuple(bias.shape)}")
-    autocast = torch.is_autocast_enabled(hidden2d.device.type)
+    autocast = autocast_dtype(hidden2d.device) is not None
     for part, t in ((f"{name}weight", weight), (f"{name}bias", bias)):
         if t is None:
             continue
@@ -157,6 +159,8 @@ def prepare_tokens(
     """
     if labels1d.device != hidden2d.device or (seq1d is not None and seq1d.device != hidden2d.device):
         raise ValueError(f"labels and seq_index must be on hidden's device {hidden2d.device}")
+    if hidden2d.is_meta:
+        return _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index)
     rows = (labels1d != ignore_index).nonzero()[:, 0]
     targets = labels1d.index_select(0, rows).long()
     seqs = rows // padded_len if seq1d is None else seq1d.index_select(0, rows).long()
@@ -194,6 +198,31 @@ def prepare_tokens(
         seq_index=seqs,
         token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device),
         lengths=lengths.float(),
+        counts=counts,
+    )
+
+
+def _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index) -> Tokens:  # noqa: ANN001
+    """``prepare_tokens`` on the meta device (fastdpo plan), unchecked: the valid tokens as the labels'
+    remembered values say (``metarun.remember_values``), else every token (an upper bound)."""
+    device, labels = hidden2d.device, host_values(labels1d)
+    seq_values = host_values(seq1d) if seq1d is not None else None
+    if labels is None or (seq1d is not None and seq_values is None):
+        rows = torch.arange(labels1d.shape[0], device=device)
+        seqs = rows // padded_len if seq1d is None else seq1d.long()
+        counts = [1] * num_seqs
+    else:
+        host_rows = (labels != ignore_index).nonzero()[:, 0]
+        host_seqs = host_rows // padded_len if seq1d is None else seq_values[host_rows]
+        counts = torch.bincount(host_seqs, minlength=num_seqs).tolist()
+        rows, seqs = host_rows.to(device), host_seqs.to(device)
+    return Tokens(
+        hidden2d=hidden2d,
+        rows=rows,
+        targets=torch.empty(rows.shape[0], dtype=torch.long, device=device),
+        seq_index=seqs,
+        token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=device),
+        lengths=torch.tensor(counts, dtype=torch.float32, device=device),
         counts=counts,
     )
 

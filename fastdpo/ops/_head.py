@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdpo.metarun import autocast_off
 from fastdpo.ops._head_chunked import chunked_backward, chunked_forward, dz_scale
 from fastdpo.ops._head_common import Partials, TokenStats, combine_partials
 
@@ -47,7 +48,7 @@ def logprobs_partials(
         return Partials(*([empty] * (7 if stats else 2)))
     targets = targets.contiguous()
     # The casts are explicit; an ambient autocast must not recast the fp32 accumulations.
-    with torch.autocast(hidden.device.type, enabled=False):
+    with autocast_off(hidden.device):
         if backend == "triton" and impl == "fused":
             from fastdpo.ops import _head_triton
 
@@ -131,14 +132,14 @@ def logprobs_backward(
     elif backend == "triton" and impl == "fused":
         from fastdpo.ops import _head_triton
 
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             dh, dw, db = _head_triton.fused_backward(
                 grad_logp, hidden, weight, bias.contiguous() if bias is not None else None,
                 targets.contiguous(), lse.contiguous(), temperature=temperature, softcap=softcap,
                 eps=filter_eps, needs=needs, compute_dtype=compute_dtype, scale=scale,
             )  # fmt: skip
     else:
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             dh, dw, db = chunked_backward(
                 grad_logp, hidden, weight, bias, targets.contiguous(), lse.contiguous(),
                 temperature=temperature, softcap=softcap, backend=backend, needs=needs,

@@ -26,6 +26,7 @@ import threading
 
 import torch
 
+from fastdpo.metarun import device_type
 from fastdpo.ops._head_common import Partials
 from fastdpo.ops._moments import softmax_moments
 
@@ -54,7 +55,7 @@ def chunk_shape(m: int, v: int, device: torch.device) -> tuple[int, int]:
     The buffer holds ``CM * CV <= 2**27`` elements on CUDA and at most ``max(2**22, 256 * CM)`` elsewhere.
     Where the budget does not cut it, the chunk boundaries are TRL's, so that sums run in its order.
     """
-    budget = _GPU_CHUNK_ELEMENTS if device.type == "cuda" else _CPU_CHUNK_ELEMENTS
+    budget = _GPU_CHUNK_ELEMENTS if device_type(device) == "cuda" else _CPU_CHUNK_ELEMENTS
     cm = max(1, min(m, _CHUNK_M))
     cv = min(v, _MAX_CHUNK_V, max(_MIN_CHUNK_V, budget // cm))
     return cm, cv
@@ -62,7 +63,7 @@ def chunk_shape(m: int, v: int, device: torch.device) -> tuple[int, int]:
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` into fp32 ``acc`` without rounding the product to the operands' dtype first."""
-    if acc.device.type == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
+    if device_type(acc.device) == "cuda" and a.dtype in (torch.float16, torch.bfloat16):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
         acc.addmm_(a.float(), b.float())
@@ -88,13 +89,20 @@ def _exp_scratch(shape: tuple[int, int], device: torch.device) -> torch.Tensor:
     statistics themselves. CUDA's caching allocator reuses memory already.
     """
     cm, cv = shape
-    if device.type != "cpu":
+    if device_type(device) != "cpu":
         return torch.empty(cm * cv, device=device, dtype=torch.float32)
     numel = min(cm * cv, max(_FOLD_BLOCK_ELEMENTS, cv))
-    buf = getattr(_CPU_SCRATCH, "buf", None)
+    # Kept per device type: a meta run planning for the CPU (fastdpo plan) keeps one as the CPU does.
+    buf = getattr(_CPU_SCRATCH, device.type, None)
     if buf is None or buf.numel() < numel:
-        buf = _CPU_SCRATCH.buf = torch.empty(numel, dtype=torch.float32)
+        buf = torch.empty(numel, device=device, dtype=torch.float32)
+        setattr(_CPU_SCRATCH, device.type, buf)
     return buf[:numel]
+
+
+def release_scratch(device_type: str) -> None:
+    """Drops the kept exponentials buffer of ``device_type``, so that the next fold allocates it anew."""
+    _CPU_SCRATCH.__dict__.pop(device_type, None)
 
 
 def new_state(m: int, device: torch.device, stats: bool) -> torch.Tensor:
@@ -146,7 +154,7 @@ def torch_fold_forward(tile, targets, state, v0, inv_temp, softcap, scratch=None
 
 def _row_block(n_rows: int, n_cols: int, device: torch.device) -> int:
     """Rows per block of :func:`_fold_rows`: about ``_FOLD_BLOCK_ELEMENTS`` elements on the CPU, else all."""
-    if device.type != "cpu":
+    if device_type(device) != "cpu":
         return n_rows
     return max(1, min(n_rows, _FOLD_BLOCK_ELEMENTS // max(n_cols, 1)))
 
@@ -246,10 +254,13 @@ def chunked_forward(hidden, weight, bias, targets, *, temperature, softcap, back
 
 def dz_scale(grad: torch.Tensor, temperature: float, compute_dtype: torch.dtype) -> float:
     """A power of two that lifts fp16 dz clear of underflow (1.0 for other dtypes)."""
-    if compute_dtype != torch.float16 or grad.numel() == 0:
+    if compute_dtype != torch.float16 or grad.numel() == 0 or grad.is_meta:
         return 1.0
     peak = grad.abs().max().item() / temperature
-    return 1.0 if peak == 0 else 2.0 ** math.floor(math.log2(_FP16_DZ_MAX / peak))
+    # A non-finite gradient has no scale to lift; it goes through unscaled and poisons dz as it should.
+    if peak == 0 or not math.isfinite(peak):
+        return 1.0
+    return 2.0 ** math.floor(math.log2(_FP16_DZ_MAX / peak))
 
 
 def chunked_backward(grad, hidden, weight, bias, targets, lse, *, temperature, softcap, backend, needs,

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import torch
 
+from fastdpo.metarun import device_type
+
 IGNORE_INDEX = -100
 BACKENDS = ("triton", "torch")
 IMPLS = ("fused", "chunked")
@@ -120,11 +122,12 @@ def interpreting() -> bool:
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     """Picks ``"triton"`` or ``"torch"``: the argument, else ``FASTDPO_BACKEND``, else triton on CUDA."""
     choice = backend or os.environ.get("FASTDPO_BACKEND") or None
+    kind = device_type(device)  # a meta device (fastdpo plan) picks as the device planned for
     if choice is None:
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if kind == "cuda" else "torch"
     if choice not in BACKENDS:
         raise ValueError(f"backend must be 'triton' or 'torch' (argument or FASTDPO_BACKEND), got {choice!r}")
-    if choice == "triton" and device.type != "cuda" and not interpreting():
+    if choice == "triton" and kind not in ("cuda", "meta") and not interpreting():
         raise ValueError(
             f"the triton backend needs CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 to run the "
             "kernels on the CPU, or use backend='torch'"

@@ -188,6 +188,8 @@ def fused_forward(
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         splits = num_splits
+        if hidden.is_meta:  # fastdpo plan: the partials of one split (O(M) fp32 per split), no launch
+            return torch.empty(1, 7 if stats else 2, m, device=hidden.device, dtype=torch.float32)
         if splits is None:
             # The split count is not specialized on, so this compile is the one the launch below uses.
             probe = args(torch.empty(1, device=hidden.device), v, 2)
@@ -224,6 +226,8 @@ def fused_backward(
         for buf in (dh, dw, db):
             if buf is not None:
                 buf.zero_()
+        if hidden.is_meta:  # fastdpo plan: the kernel adds into the accumulators and allocates nothing
+            return
         _linear_logprobs_bwd_kernel[(cdiv(m, cfg.block_m) * cdiv(v, cfg.block_v),)](
             hidden, weight, bias if bias is not None else weight, targets, lse, grad,
             dh if need_dh else lse, dw if need_dw else lse, db if need_db else lse,
@@ -245,6 +249,8 @@ def fused_backward(
 
 def fold_forward(tile, targets, state, v0, inv_temp, softcap):
     """The Triton twin of ``_head_chunked.torch_fold_forward``: one program per row of the chunk."""
+    if tile.is_meta:  # fastdpo plan: the kernel works in place and allocates nothing
+        return
     from fastdpo.kernels.chunked_logprobs import _chunked_logprobs_fwd_kernel
 
     _chunked_logprobs_fwd_kernel[(tile.shape[0],)](
@@ -256,6 +262,8 @@ def fold_forward(tile, targets, state, v0, inv_temp, softcap):
 
 def fold_backward(tile, targets, lse, grad, v0, inv_temp, softcap, scale):
     """The Triton twin of ``_head_chunked.torch_fold_backward``: one program per (row, FOLD_BLOCK columns)."""
+    if tile.is_meta:  # fastdpo plan: the kernel works in place and allocates nothing
+        return
     from fastdpo.kernels.chunked_logprobs import _chunked_logprobs_bwd_kernel
 
     # Under TRITON_INTERPRET=1 a bf16 tile differs from the torch fold's in about half its entries, by one

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fastdpo.metarun import device_type
+
 try:
     from fastdpo import _C
 except ImportError:  # extension not built: the numpy twin gives identical sums
@@ -34,6 +36,8 @@ def softmax_moments(z: torch.Tensor, e: torch.Tensor, out: torch.Tensor | None =
     """
     if out is None:
         out = torch.empty(3, z.shape[0], device=z.device, dtype=torch.float32)
+    if z.is_meta and device_type(z.device) == "cpu":  # fastdpo plan: the C++ pass allocates only ``out``
+        return out
     if not z.is_cpu:
         return torch.stack([z.sum(-1), (e * z).sum(-1), (e * e).sum(-1)], out=out)
     if _C is None:

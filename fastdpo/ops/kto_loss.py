@@ -296,6 +296,7 @@ def kto_loss(
     Returns:
         A ``KTOSequenceLosses``.
     """
-    if resolve_backend(policy_logps.device, backend) == "torch":
+    # On meta (fastdpo plan) the torch twin stands in: the kernel's outputs are per sequence, O(S).
+    if policy_logps.is_meta or resolve_backend(policy_logps.device, backend) == "torch":
         return kto_loss_torch(policy_logps, ref_logps, desirable, kl, config)
     return kto_loss_triton(policy_logps, ref_logps, desirable, kl, config)

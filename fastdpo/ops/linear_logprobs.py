@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fastdpo.metarun import autocast_dtype
 from fastdpo.ops._head import logprobs_backward, logprobs_forward
 from fastdpo.ops._head_common import (
     IGNORE_INDEX,
@@ -209,9 +210,7 @@ def linear_logprobs(
             hidden, weight, targets, bias, group=group, ignore_index=ignore_index, temperature=temperature,
             softcap=softcap, filter_eps=filter_eps, backend=backend, impl=impl, stats=stats,
         )  # fmt: skip
-    amp_dtype = None
-    if isinstance(hidden, torch.Tensor) and torch.is_autocast_enabled(hidden.device.type):
-        amp_dtype = torch.get_autocast_dtype(hidden.device.type)
+    amp_dtype = autocast_dtype(hidden.device) if isinstance(hidden, torch.Tensor) else None
     _validate(hidden, weight, targets, bias, ignore_index, temperature, softcap, amp_dtype)
     chosen = resolve_backend(hidden.device, backend)
     chosen_impl = resolve_impl(impl)

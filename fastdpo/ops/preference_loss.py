@@ -425,7 +425,8 @@ def preference_loss(
         A ``PairLossOutput``.
     """
     _check_inputs(policy_logps, ref_logps, lengths)
-    if resolve_backend(policy_logps.device, backend) == "torch":
+    # On meta (fastdpo plan) the torch twin stands in: the kernel's outputs are per sequence, O(S).
+    if policy_logps.is_meta or resolve_backend(policy_logps.device, backend) == "torch":
         return preference_loss_torch(policy_logps, ref_logps, lengths, config)
     fused = tuple(t for t in config.loss_types if t in KERNEL_LOSS_BITS)
     out = preference_loss_triton(policy_logps, ref_logps, lengths, config.restricted_to(fused))

@@ -3,6 +3,7 @@ the learning-rate schedule."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from typing import Any
@@ -12,7 +13,11 @@ import torch
 from torch import nn
 
 from fastdpo.distributed import DistState, init_distributed
+from fastdpo.longctx import install_long_context
+from fastdpo.metarun import device_type
 from fastdpo.train.config import DTYPES, TrainConfig
+
+logger = logging.getLogger("fastdpo")
 
 __all__ = [
     "add_lora",
@@ -97,6 +102,13 @@ def prepare_model(
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    install_long_context(
+        model,
+        tiled_mlp=config.tiled_mlp,
+        lean_norms=config.lean_norms,
+        tile_tokens=config.tile_tokens,
+        offload_checkpoints=trainable and config.offload_checkpoints,
+    )
     return model
 
 
@@ -121,7 +133,27 @@ def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimi
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), eps=1e-8)
+    kwargs: dict[str, Any] = {"lr": config.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    devices = sorted({p.device.type for p in params})
+    if devices == ["meta"]:
+        # fastdpo plan: fused AdamW refuses meta parameters; the single-tensor loop holds, besides the
+        # state, one parameter's temporaries at a time (the fused kernel none; unfused foreach, all of them).
+        fused = config.fused_adamw and device_type("meta") in _fused_adamw_devices()
+        return torch.optim.AdamW(groups, foreach=False if fused else None, **kwargs)
+    if config.fused_adamw and params:
+        if all(d in _fused_adamw_devices() for d in devices):
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        logger.info("fused AdamW: this torch has no fused kernel on %s; using the unfused AdamW", devices)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def _fused_adamw_devices() -> tuple[str, ...]:
+    # AdamW(fused=True) only checks the devices at its first step (meta, the planner's, fails there), so
+    # ask torch's own list up front; a torch without it gets the two this project runs on.
+    from torch.optim import optimizer
+
+    listed = getattr(optimizer, "_get_fused_kernels_supported_devices", None)
+    return tuple(listed()) if listed is not None else ("cuda", "cpu")
 
 
 def build_scheduler(

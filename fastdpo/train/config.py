@@ -20,7 +20,7 @@ from fastdpo.losses import LOSS_TYPES
 from fastdpo.losses.kto import KTO_LOSS_TYPES
 from fastdpo.modeling import ATTN_BACKENDS
 
-__all__ = ["DTYPES", "REFERENCE_MODES", "TrainConfig", "resume_changes"]
+__all__ = ["AUTO_TOKENS", "DTYPES", "REFERENCE_MODES", "TrainConfig", "resume_changes"]
 
 REFERENCE_MODES = ("precompute", "model", "adapter", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,6 +62,11 @@ _RESUME_FREE = (
     "strategy",
     "gradient_checkpointing",
     "offload_activations",
+    "offload_checkpoints",
+    "tiled_mlp",
+    "lean_norms",
+    "tile_tokens",
+    "fused_adamw",
     "eval_data",
     "eval_split",
     "cache_dir",
@@ -85,6 +90,10 @@ def _opt(default: Any, help: str) -> Any:
     if isinstance(default, (list, tuple)):
         return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+# tokens_per_step: auto, resolved when the run starts (fastdpo.planner.api.auto_tokens_per_step).
+AUTO_TOKENS = 0
 
 
 @dataclass
@@ -120,6 +129,25 @@ class TrainConfig:
         "move the activations autograd saves in the decoder to CPU memory (save_on_cpu); pair with "
         "gradient_checkpointing",
     )
+    offload_checkpoints: bool = _opt(
+        False,
+        "with gradient_checkpointing: keep only each decoder layer's checkpointed input in (pinned) host "
+        "memory, copied back one layer ahead in the backward on a side stream",
+    )
+    tiled_mlp: bool = _opt(
+        False, "run each decoder layer's MLP over tiles of tile_tokens tokens, recomputed tile by tile"
+    )
+    lean_norms: bool = _opt(
+        False,
+        "run every RMSNorm over tiles of tile_tokens tokens, recomputed tile by tile, so its fp32 upcast "
+        "never covers the whole sequence",
+    )
+    tile_tokens: int = _opt(
+        0, "tokens a tile of tiled_mlp / lean_norms; 0: auto, ceil(N / hidden_size) tiles of whole 64s"
+    )
+    fused_adamw: bool = _opt(
+        True, "AdamW(fused=True) where the installed torch has the fused kernel for the device, else foreach"
+    )
     disable_dropout: bool = _opt(True, "set every nn.Dropout to p=0, as TRL does for DPO")
     # LoRA
     lora_r: int = _opt(0, "LoRA rank; 0 trains all weights")
@@ -139,7 +167,11 @@ class TrainConfig:
     max_prompt_length: int | None = _opt(512, "token limit of the prompt")
     truncation_mode: str = _opt("keep_end", "which end of a long prompt survives: keep_end or keep_start")
     shared_prompt: bool = _opt(True, "pack each pair's prompt once, shared by its two responses")
-    tokens_per_step: int = _opt(8192, "token budget of one packed micro-batch (at least 2 * max_length)")
+    tokens_per_step: int = _opt(
+        8192,
+        "token budget of one packed micro-batch (at least 2 * max_length); auto (or 0), on CUDA: the largest "
+        "that fastdpo plan fits in the GPU's free memory, with its margin",
+    )
     tokens_per_optimizer_step: int = _opt(
         0, "token budget of one optimizer step over all micro-batches (gradient accumulation); 0: one bin"
     )
@@ -242,6 +274,22 @@ class TrainConfig:
             "strategy",
             "none or ddp with LoRA (lora_r > 0); fsdp2 exports full weights only",
         )
+        check(
+            not self.offload_checkpoints or self.gradient_checkpointing,
+            "offload_checkpoints",
+            "false without gradient_checkpointing (it offloads the checkpointed layer inputs)",
+        )
+        check(
+            not (self.offload_checkpoints and self.offload_activations),
+            "offload_checkpoints",
+            "false with offload_activations, which already moves every saved tensor to CPU",
+        )
+        check(self.tile_tokens >= 0, "tile_tokens", "an int >= 0 (0: auto)")
+        check(
+            not (self.tiled_mlp or self.lean_norms) or self.lora_dropout == 0,
+            "lora_dropout",
+            "0 with tiled_mlp or lean_norms (a tile recomputed in the backward would draw another mask)",
+        )
         check(self.lora_r >= 0, "lora_r", "an int >= 0")
         check(self.lora_alpha > 0, "lora_alpha", "a float > 0")
         check(0 <= self.lora_dropout < 1, "lora_dropout", "a float in [0, 1)")
@@ -260,12 +308,14 @@ class TrainConfig:
         )
         check(self.truncation_mode in ("keep_end", "keep_start"), "truncation_mode", "keep_end or keep_start")
         check(
-            self.tokens_per_step >= 2 * self.max_length,
+            self.tokens_per_step == AUTO_TOKENS or self.tokens_per_step >= 2 * self.max_length,
             "tokens_per_step",
-            f"an int >= 2 * max_length = {2 * self.max_length}, so that every pair fits a bin",
+            f"auto or an int >= 2 * max_length = {2 * self.max_length}, so that every pair fits a bin",
         )
         check(
-            self.tokens_per_optimizer_step == 0 or self.tokens_per_optimizer_step >= self.tokens_per_step,
+            self.tokens_per_optimizer_step == 0
+            or self.tokens_per_step == AUTO_TOKENS
+            or self.tokens_per_optimizer_step >= self.tokens_per_step,
             "tokens_per_optimizer_step",
             f"0 or an int >= tokens_per_step = {self.tokens_per_step}",
         )
@@ -303,6 +353,8 @@ class TrainConfig:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint``; strings (command line, YAML's ``1e-5``) are parsed."""
+    if name == "tokens_per_step" and isinstance(value, str) and value.strip().lower() == "auto":
+        return AUTO_TOKENS
     args = typing.get_args(hint)
     if type(None) in args:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):

@@ -19,7 +19,9 @@ from fastdpo.distributed import (
     unsharded_lm_head,
     unwrap_model,
 )
+from fastdpo.longctx import save_on_host
 from fastdpo.losses import FusedLinearDPOLoss, PreferenceLossOutput, sequence_logps
+from fastdpo.metarun import meta_autocast
 from fastdpo.modeling import packed_hidden_states
 from fastdpo.packing import PackedBatch
 from fastdpo.train.config import TrainConfig
@@ -86,10 +88,12 @@ class PackedForward:
     def compute(self, *, offload: bool = False) -> Iterator[None]:
         """Autocast to the compute dtype; with ``offload``, autograd's saved tensors go to CPU memory."""
         with ExitStack() as stack:
-            if self.compute_dtype != torch.float32:
+            if self.compute_dtype != torch.float32 and self.device.type == "meta":  # fastdpo plan
+                stack.enter_context(meta_autocast(self.compute_dtype))
+            elif self.compute_dtype != torch.float32:
                 stack.enter_context(torch.autocast(self.device.type, dtype=self.compute_dtype))
             if offload:
-                stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=self.device.type == "cuda"))
+                stack.enter_context(save_on_host(self.device))
             yield
 
     def hidden(self, model: nn.Module, batch: PackedBatch, *, offload: bool = False) -> torch.Tensor:

@@ -28,10 +28,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from fastdpo.distributed import gradient_sync, wrap_model
+from fastdpo.distributed import wrap_model
 from fastdpo.errors import UserError
 from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
 from fastdpo.losses.kto import KTO_LOSS_TYPES
@@ -47,13 +46,14 @@ from fastdpo.train.build import (
     seed_everything,
 )
 from fastdpo.train.checkpoints import RunCheckpoints, check_resume
-from fastdpo.train.config import DTYPES, TrainConfig
+from fastdpo.train.config import AUTO_TOKENS, DTYPES, TrainConfig
 from fastdpo.train.forward import PackedForward
 from fastdpo.train.kto import UnpairedForward, build_kto_loss, load_unpaired_splits
 from fastdpo.train.metrics import MetricsLog, summarize
 from fastdpo.train.plan import epoch_plan, load_splits
 from fastdpo.train.reference import precompute_reference, reference_inputs
 from fastdpo.train.signals import StopSignals
+from fastdpo.train.step import accumulate, clip_gradients
 
 __all__ = ["Trainer", "train"]
 
@@ -112,6 +112,10 @@ class Trainer:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out_dir / "cache"
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg, self.dist)
+        if cfg.tokens_per_step == AUTO_TOKENS:
+            from fastdpo.planner.api import auto_tokens_per_step
+
+            self.config = cfg = auto_tokens_per_step(cfg, self.device, getattr(model, "config", None))
         auto_dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.compute_dtype = DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype]
 
@@ -349,29 +353,18 @@ class Trainer:
         """One optimizer step over ``bins`` (all ranks'); returns the step's metrics."""
         start = time.perf_counter()
         fwd, split = self.forward, self.train_split
-        step_pairs = sum(len(b) for b in bins)
         step_tokens = sum(int(split.tokens[b].sum()) for b in bins)
-        sums = torch.zeros(len(fwd.metric_names), device=self.device)
-        local_pairs = 0
-        plan = fwd.shard(bins, split.tokens)
-        for k, (b, real) in enumerate(plan):
-            with gradient_sync(self.model, enabled=k == len(plan) - 1):
-                batch = fwd.batch(split, b)
-                out = fwd.loss(batch, reference_inputs(fwd, self.reference, self.ref_model, split, b, batch))
-                # Weighting each micro-batch mean by its share of the step's pairs makes the accumulated
-                # gradient that of the mean over all pairs of the step, however they were binned; the
-                # world_size factor undoes DDP's and FSDP2's averaging over ranks.
-                share = batch.num_pairs * self.world_size / step_pairs if real else 0.0
-                (out.loss * share).backward()
-            if real:
-                sums += fwd.pair_sums(out, batch.num_pairs)
-                local_pairs += batch.num_pairs
+        sums, local_pairs = accumulate(
+            fwd,
+            self.model,
+            split,
+            bins,
+            reference=self.reference,
+            ref_model=self.ref_model,
+            world_size=self.world_size,
+        )
         metrics = fwd.global_means(sums, local_pairs)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.max_grad_norm or float("inf"))
-        if isinstance(grad_norm, DTensor):
-            grad_norm = grad_norm.full_tensor()
-        metrics["grad_norm"] = float(grad_norm)
+        metrics["grad_norm"] = float(clip_gradients(self.model, self.config.max_grad_norm))
         lr = self.optimizer.param_groups[0]["lr"]
         # The loss and the norm are global (reduced over ranks), so every rank makes the same choice. A
         # skipped step still advances the schedule: the LR stays a function of the step.
