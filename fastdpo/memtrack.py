@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["Allocation", "LiveBytes", "current_tracker", "host_allocation", "label"]
 
 _state = threading.local()
+_PURGE_EVERY = 64  # ops between two purges when no peak is near
 
 
 @dataclass
@@ -103,6 +104,9 @@ class LiveBytes(TorchDispatchMode):
         super().__init__()
         self._known = {StorageWeakRef(t.untyped_storage()) for t in exclude}
         self._live: dict[StorageWeakRef, Allocation] = {}
+        # Allocations that outlive the tracked code (optimizer state): counted, never checked for expiry.
+        self._pinned: dict[StorageWeakRef, Allocation] = {}
+        self._ops = 0
         self.device_bytes = 0
         self.host_bytes = 0
         self.host_peak = 0
@@ -132,7 +136,7 @@ class LiveBytes(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             ref = StorageWeakRef(storage)
-            if ref in self._live or ref in self._known:
+            if ref in self._live or ref in self._known or ref in self._pinned:
                 continue
             w = self.where
             alloc = Allocation(ref, storage.nbytes(), host, w.phase, w.region, w.layer, op)
@@ -141,18 +145,34 @@ class LiveBytes(TorchDispatchMode):
                 self.host_bytes += alloc.nbytes
             else:
                 self.device_bytes += alloc.nbytes
+        # The byte counts only miss frees since the last purge, so they bound the live bytes from above:
+        # a purge (a check of every live storage, the tracker's cost) is needed only when a bound passes
+        # its peak, and now and then to keep the table small.
+        self._ops += 1
+        bound_passed = self.device_bytes > self.peak.bytes or self.host_bytes > self.host_peak
+        if not bound_passed and self._ops % _PURGE_EVERY:
+            return
+        self._purge()
         self.host_peak = max(self.host_peak, self.host_bytes)
         if self.device_bytes > self.peak.bytes:
-            live = [a for a in self._live.values() if not a.host]
+            live = [a for a in (*self._pinned.values(), *self._live.values()) if not a.host]
             self.peak = Peak(self.device_bytes, op, _Where(**vars(self.where)), live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        self._purge()
         out = func(*args, **(kwargs or {}))
         self._record(out, str(func.overloadpacket.__name__))
         return out
 
+    def pin(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Marks tracked storages of ``tensors`` as living through the tracked code: still counted, but no
+        longer checked for expiry. Without it the optimizer's state, thousands of LoRA tensors, would be
+        checked after every op."""
+        for t in tensors:
+            ref = StorageWeakRef(t.untyped_storage())
+            if ref in self._live:
+                self._pinned[ref] = self._live.pop(ref)
+
     def live(self) -> list[Allocation]:
         """The allocations alive now."""
         self._purge()
-        return list(self._live.values())
+        return [*self._pinned.values(), *self._live.values()]

@@ -261,6 +261,7 @@ class StepPlanner:
             stack.enter_context(_region_hooks(model, self.loss_fn))
             with label(phase="optimizer"), torch.no_grad():
                 _init_optimizer_state(model, optimizer)
+            tracker.pin(t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t))
             if self.reference == "precompute":
                 with label(phase="reference"), torch.no_grad():
                     model.eval()
