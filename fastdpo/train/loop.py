@@ -52,6 +52,7 @@ from fastdpo.train.kto import UnpairedForward, build_kto_loss, load_unpaired_spl
 from fastdpo.train.metrics import MetricsLog, summarize
 from fastdpo.train.plan import epoch_plan, load_splits
 from fastdpo.train.reference import precompute_reference, reference_inputs
+from fastdpo.train.runlock import RunLock
 from fastdpo.train.signals import StopSignals
 from fastdpo.train.step import accumulate, clip_gradients
 
@@ -469,14 +470,16 @@ def _applied(metrics: dict[str, float]) -> bool:
 
 
 def train(config: TrainConfig) -> dict[str, dict[str, float]]:
-    """Runs ``fastdpo train``: ``Trainer(config).train()``.
+    """Runs ``fastdpo train``: ``Trainer(config).train()`` holding ``output_dir``'s lock (``RunLock``).
 
     Raises:
         SystemExit: With status 130 (SIGINT) or 143 (SIGTERM) when a signal stopped the run; its
             checkpoint was written first.
     """
-    trainer = Trainer(config)
-    result = trainer.train()
+    # Rank 0 alone takes the lock: the job's other ranks share the folder with it.
+    with RunLock(config.output_dir, enabled=os.environ.get("RANK", "0") in ("", "0")):
+        trainer = Trainer(config)
+        result = trainer.train()
     if trainer.stopped_by is not None:
         raise SystemExit(128 + trainer.stopped_by)
     return result
