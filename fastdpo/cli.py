@@ -327,9 +327,12 @@ def _train(args: argparse.Namespace, main_rank: bool) -> int:
     results = train(config)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    steps = results.pop("steps", {})
     for split, metrics in results.items() if main_rank else ():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/")))
         print(f"{split}: {shown}")
+    if main_rank and steps:
+        print(f"steps: {steps['applied']:.0f} applied, {steps['skipped']:.0f} skipped")
     return 0
 
 
