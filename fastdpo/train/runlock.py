@@ -23,12 +23,14 @@ import json
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
 from fastdpo.errors import UserError
 
-__all__ = ["LOCK_FILE", "RunLock"]
+__all__ = ["LOCK_FILE", "RunLock", "removed_if_left_empty"]
 
 LOCK_FILE = ".fastdpo.lock"
 logger = logging.getLogger("fastdpo")
@@ -101,3 +103,24 @@ def _describe(holder: dict | None) -> str:
     if not holder:
         return "holder not recorded yet"
     return f"host {holder.get('host')}, PID {holder.get('pid')}, started {holder.get('started')}"
+
+
+@contextmanager
+def removed_if_left_empty(output_dir: str | os.PathLike) -> Iterator[None]:
+    """On an exception inside, removes ``output_dir`` if the block created it and left it empty.
+
+    A run that fails before writing anything (bad data, a model that does not load) should not leave a
+    folder behind that looks like a run; the released lock file does not count as content.
+    """
+    path = Path(output_dir)
+    existed = os.path.lexists(path)
+    try:
+        yield
+    except BaseException:
+        if not existed and path.is_dir():
+            lock = path / LOCK_FILE
+            entries = list(path.iterdir())
+            if entries in ([], [lock]) and (not entries or lock.stat().st_size == 0):
+                lock.unlink(missing_ok=True)
+                path.rmdir()
+        raise
