@@ -16,6 +16,7 @@ valid, ``CheckpointError`` names the run folder and every reason. Nothing here u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -122,7 +123,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    """Writes a safetensors file; a failed write (a full disk) is an ``OSError`` like any other write's."""
+    try:
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+    except safetensors.SafetensorError as err:
+        # The Rust writer reports I/O failures as SafetensorError("... Os { code: 28, ... }"), not OSError.
+        code = re.search(r"code: (\d+)", str(err))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from err
     fsync(path)
 
 

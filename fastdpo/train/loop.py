@@ -43,6 +43,7 @@ from fastdpo.train.build import (
     prepare_model,
     resolve_device,
     seed_everything,
+    warn_max_length,
 )
 from fastdpo.train.checkpoints import RunCheckpoints, check_resume
 from fastdpo.train.config import AUTO_TOKENS, DTYPES, TrainConfig
@@ -128,15 +129,17 @@ class Trainer:
                 cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
             )
         self.tokenizer = tokenizer
+        # KTO's loss types train on unpaired rows (fastdpo.train.kto); every other one on pairs. The data
+        # comes before the model, so that bad data fails before the (possibly long) model load.
+        unpaired = cfg.loss_type in KTO_LOSS_TYPES
+        load = load_unpaired_splits if unpaired else load_splits
+        self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
         injected = model is not None
         if injected:
             self.model = prepare_model(cfg, model, self.device)
         else:
             self.model = load_model(cfg, cfg.model, self.device)
-        # KTO's loss types train on unpaired rows (fastdpo.train.kto); every other one on pairs.
-        unpaired = cfg.loss_type in KTO_LOSS_TYPES
-        load = load_unpaired_splits if unpaired else load_splits
-        self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
+        warn_max_length(cfg, self.model)
 
         needs_ref = unpaired or LOSS_TYPES[cfg.loss_type].needs_reference
         self.reference = cfg.reference if needs_ref else "none"
