@@ -98,6 +98,27 @@ def _drive(case: str, options: dict) -> dict:
         result["lock_after"] = (out / ".fastdpo.lock").read_text()
     elif case == "safetensors full":
         result["codes"] = [_wait(_child(log, _safetensors_full_cli, _write_config(options, "full"), 3))]
+    elif case == "cache":
+        # A first run fills the caches; then its reference entry gets another key (same file name, valid
+        # sha256), and a second run; then a byte of each entry is flipped, and a third run.
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        cache = Path(options["cache_dir"])
+        result["codes"] = [_wait(_child(log, _cli, _write_config(options, "fill")))]
+        (ref,) = cache.glob("ref-logps-*.safetensors")
+        with safe_open(ref, framework="pt") as f:
+            metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        metadata["key"] = json.dumps({**json.loads(metadata["key"]), "model": "another"})
+        save_file(tensors, ref, metadata=metadata)
+        result["codes"].append(_wait(_child(log, _cli, _write_config(options, "rekeyed"))))
+        (arrow,) = cache.glob("tokenized-*/data/*.arrow")
+        for path in (ref, arrow):
+            data = bytearray(path.read_bytes())
+            data[-9] ^= 0xFF
+            path.write_bytes(bytes(data))
+        result["codes"].append(_wait(_child(log, _cli, _write_config(options, "flipped"))))
+        result["entries"] = [str(ref), str(arrow.parent.parent)]
     elif case == "norms":
         norms = options.pop("norms")
         result["codes"] = [_wait(_child(log, _patched_norm_cli, _write_config(options, "norms"), norms))]
@@ -150,6 +171,7 @@ def runs(assets, tmp_path_factory):  # noqa: F811
         "all invalid": ("run", options("invalid", data=str(invalid), skip_invalid=True)),
         "kto single": ("run", options("kto", data=str(single), loss_type="kto")),
         "safetensors full": ("safetensors full", options("st-full", max_steps=4, save_every=2)),
+        "cache": ("cache", options("cache", cache_dir=str(root / "cache-case"), max_steps=1, save_every=0)),
         "warnings": (
             "run",
             options(
@@ -284,7 +306,7 @@ def _model_copy(assets, tmp_path, edit) -> Path:  # noqa: F811
 
 
 def test_pickled_weights_remote_code_and_an_uncached_hub_id_offline_are_refused_up_front(
-    assets,
+    assets,  # noqa: F811
     tmp_path,
     monkeypatch,
     capsys,  # noqa: F811
@@ -331,6 +353,20 @@ def test_warnings_for_max_length_truncation_and_duplicate_rows(runs):
     assert "max_length 80 is over the model's max_position_embeddings 64" in log
     assert re.search(r"(\d+) of \1 rows were truncated to max_length 80", log)
     assert "5 duplicate rows" in log
+
+
+def test_a_reused_cache_entry_is_checked_against_its_key_and_sha256(runs):
+    result = _case(runs, "cache")
+    assert result["codes"] == [0, 0, 0], result["log_text"][-3000:]
+    ref, tokenized = result["entries"]
+    fill, rekeyed, flipped = result["log_text"].split("final model:")[:3]
+    assert "recomputing" not in fill
+    (line,) = [x for x in rekeyed.splitlines() if "recomputing" in x]
+    assert f"reference log-prob cache {ref}: its key (model, data, options) differs" in line
+    warnings = [x for x in flipped.splitlines() if "recomputing" in x]
+    assert len(warnings) == 2, warnings
+    assert f"tokenization cache {tokenized}: its files do not match their recorded sha256" in warnings[0]
+    assert f"reference log-prob cache {ref}: its contents do not match their recorded sha256" in warnings[1]
 
 
 if __name__ == "__main__":
