@@ -321,7 +321,7 @@ def _train(args: argparse.Namespace, main_rank: bool) -> int:
             return 0
     except (ValueError, TypeError, OSError) as e:
         return _fail(args, e)
-    with removed_if_left_empty(config.output_dir):
+    with removed_if_left_empty(config.output_dir, enabled=main_rank):
         try:
             check_run(config)
         except (ValueError, TypeError, OSError) as e:

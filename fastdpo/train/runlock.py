@@ -106,14 +106,15 @@ def _describe(holder: dict | None) -> str:
 
 
 @contextmanager
-def removed_if_left_empty(output_dir: str | os.PathLike) -> Iterator[None]:
+def removed_if_left_empty(output_dir: str | os.PathLike, *, enabled: bool = True) -> Iterator[None]:
     """On an exception inside, removes ``output_dir`` if the block created it and left it empty.
 
     A run that fails before writing anything (bad data, a model that does not load) should not leave a
-    folder behind that looks like a run; the released lock file does not count as content.
+    folder behind that looks like a run; the released lock file does not count as content. Only rank 0
+    (``enabled``) may remove it: another rank cannot tell whether rank 0 created it or still uses it.
     """
     path = Path(output_dir)
-    existed = os.path.lexists(path)
+    existed = not enabled or os.path.lexists(path)
     try:
         yield
     except BaseException:
