@@ -9,31 +9,18 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_faults import _case, _child, _cli, _options, _run_driver, _wait, _write_config
+from test_faults import _case, _child, _cli, _options, _run_driver, _slow_cli, _wait, _write_config
 from test_trainer import assets  # noqa: F401  (a fixture: tiny Llama, tokenizer, 96 addition pairs)
 
 # ---------------------------------------------------------------------- the driver (runs in a subprocess)
-
-
-def _hold_lock(out: Path, ready: Path) -> int:
-    """Holds ``out``'s run lock until SIGTERM, as a running ``fastdpo train`` does."""
-    from fastdpo.train.runlock import RunLock
-
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    with RunLock(out):
-        ready.write_text("held")
-        signal.sigwait({signal.SIGTERM})
-    return 0
 
 
 def _patched_norm_cli(config: Path, norms: dict) -> int:
@@ -79,15 +66,14 @@ def _drive(case: str, options: dict) -> dict:
         flags = options.pop("flags", [])
         result["codes"] = [_wait(_child(log, _cli, _write_config(options, "run"), *flags))]
     elif case == "lock":
-        ready = out.parent / f"{out.name}.ready"
-        holder = _child(out.parent / f"{out.name}-holder.log", _hold_lock, out, ready)
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
+        # A real run holds the lock while it trains (each step slowed by 0.5 s); a second one fails at once.
+        metrics = out / "metrics.jsonl"
+        holder = _child(out.parent / f"{out.name}-holder.log", _slow_cli, _write_config(options, "first"))
+        deadline = time.monotonic() + 60
+        while not (metrics.is_file() and '"step": 1' in metrics.read_text()) and time.monotonic() < deadline:
             time.sleep(0.01)
         result["holder"] = holder
-        result["codes"] = [_wait(_child(log, _cli, _write_config(options, "second")))]
-        os.kill(holder, signal.SIGTERM)
-        result["codes"].append(_wait(holder))
+        result["codes"] = [_wait(_child(log, _cli, _write_config(options, "second"))), _wait(holder)]
         # A lock file naming a process that died (this host, a PID no longer alive) is taken over.
         dead = _child(log, lambda: 0)
         _wait(dead)
@@ -157,7 +143,7 @@ def runs(assets, tmp_path_factory):  # noqa: F811
         return _options(assets, root / name, **{"max_steps": 3, "save_model": True, **overrides})
 
     cases = {
-        "lock": ("lock", options("lock", max_steps=1, save_every=0, save_model=False)),
+        "lock": ("lock", options("lock", max_steps=8, save_every=0, save_model=False)),
         "probe": ("run", options("probe", lr=1e30, max_grad_norm=0.0, save_every=0)),
         "bad end": (
             "norms",
