@@ -149,6 +149,7 @@ def runs(assets, tmp_path_factory):  # noqa: F811
             "norms",
             options("bad-end", max_steps=4, save_every=1, keep_last=1, norms={"3": "nan", "4": "nan"}),
         ),
+        "none applied": ("norms", options("none", max_steps=2, save_every=0, norms={"1": "nan", "2": "nan"})),
         "zero": ("norms", options("zero", max_steps=4, save_every=0, norms={"2": 0, "3": 0, "4": 0})),
         "good": ("run", options("good", max_steps=2, save_every=0)),
         "bom": ("run", options("bom", data=str(bom_data), max_steps=1, save_every=0, save_model=False)),
@@ -202,6 +203,14 @@ def test_a_run_ending_on_skipped_steps_exits_2_and_exports_nothing(runs):
     assert result["codes"] == [2], result["log_text"][-3000:]
     line = _error_line(result["log_text"])
     assert "last step (3) was skipped" in line and "nothing was exported" in line
+    assert "final" not in result["files"]
+
+
+def test_a_run_that_applied_no_step_exits_2(runs):
+    result = _case(runs, "none applied")
+    assert result["codes"] == [2], result["log_text"][-3000:]
+    line = _error_line(result["log_text"])
+    assert "no step was applied (0 applied, 2 skipped" in line and "start over" in line
     assert "final" not in result["files"]
 
 
