@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import traceback
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,14 +30,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import yaml
 
-from fastdpo.data_sources import check_data_path
 from fastdpo.errors import UserError
 from fastdpo.longctx import default_alloc_conf
+from fastdpo.preflight import check_run, check_writable_dir
 from fastdpo.train import TrainConfig, train
+from fastdpo.train.config import read_yaml
+from fastdpo.train.runlock import removed_if_left_empty
 
 __all__ = ["build_parser", "check_run", "load_config", "main"]
 
@@ -216,14 +216,12 @@ def load_config(
         The validated config.
 
     Raises:
-        ValueError: Unreadable YAML, a non-mapping file, a malformed override, or an invalid option.
+        ValueError: Unreadable YAML, a duplicate key, a non-mapping file, a malformed override, or an
+            invalid option.
     """
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"--config {path}: cannot read it as YAML ({e})") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(
                 f"--config {path}: expected a mapping of option names to values, got {type(loaded).__name__}"
@@ -321,15 +319,22 @@ def _train(args: argparse.Namespace, main_rank: bool) -> int:
         if args.print_config:
             print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
             return 0
-        check_run(config)
     except (ValueError, TypeError, OSError) as e:
         return _fail(args, e)
-    results = train(config)
+    with removed_if_left_empty(config.output_dir, enabled=main_rank):
+        try:
+            check_run(config)
+        except (ValueError, TypeError, OSError) as e:
+            raise UserError(str(e)) from e
+        results = train(config)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    steps = results.pop("steps", {})
     for split, metrics in results.items() if main_rank else ():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("loss", "rewards/")))
         print(f"{split}: {shown}")
+    if main_rank and steps:
+        print(f"steps: {steps['applied']:.0f} applied, {steps['skipped']:.0f} skipped")
     return 0
 
 
@@ -352,7 +357,7 @@ def _demo(args: argparse.Namespace) -> int:
     from fastdpo.demo import run_demo
 
     if args.workdir is not None:
-        _check_writable_dir("--workdir", args.workdir)
+        check_writable_dir("--workdir", args.workdir)
     run_demo(
         seed=args.seed,
         sft_steps=args.sft_steps,
@@ -370,93 +375,11 @@ def _bench(args: argparse.Namespace, extra: list[str]) -> int:
     except (ValueError, OSError) as e:
         return _fail(args, e)
     # The scripts save their CSV and plot straight into this folder.
-    _check_writable_dir("--out", args.out)
+    check_writable_dir("--out", args.out)
     for name, (module, bench_argv) in zip(names, runs, strict=True):
         print(f"fastdpo bench {name}: bench_{name}.main({bench_argv})", flush=True)
         module.main(bench_argv)
     return 0
-
-
-def check_run(config: TrainConfig) -> None:
-    """Checks what ``train(config)`` needs from outside before any model loads.
-
-    The device exists, the model, tokenizer and reference model name existing folders (or hub ids), the data
-    files exist and have a supported type, and the output and cache folders can be created and written.
-
-    Raises:
-        UserError: What is missing or wrong, naming the option.
-    """
-    _check_device(config.device)
-    for option in ("model", "ref_model", "tokenizer"):
-        if getattr(config, option):
-            _check_model_path(option, getattr(config, option))
-    for option in ("data", "eval_data"):
-        if getattr(config, option):
-            try:
-                check_data_path(getattr(config, option))
-            except (OSError, UserError) as e:
-                raise UserError(f"{option}: {e}") from None
-    for option in ("output_dir", "cache_dir"):
-        if getattr(config, option):
-            _check_writable_dir(option, getattr(config, option))
-
-
-def _check_device(device: str) -> None:
-    """Asks torch whether the CUDA device exists without creating a CUDA context."""
-    kind, _, index = device.partition(":")
-    if kind != "cuda":
-        return
-    if index and not index.isdigit():
-        raise UserError(f"device: expected auto, cpu, cuda or cuda:N, got {device!r}")
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"device: {device!r} needs a CUDA GPU, but torch sees none (torch {torch.__version__}, "
-            f"CUDA build {torch.version.cuda}); use --device cpu or --device auto"
-        )
-    count = torch.cuda.device_count()
-    if int(index or 0) >= count:
-        raise UserError(
-            f"device: {device!r}, but torch sees {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
-        )
-
-
-def _looks_like_path(name: str) -> bool:
-    """True for a name that cannot be a hub id (``name`` or ``org/name``), or whose folder part exists."""
-    if name.startswith((".", "~", os.sep)) or (os.altsep and os.altsep in name):
-        return True
-    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) or ".." in name or "--" in name:
-        return True
-    parent = os.path.dirname(name)
-    return bool(parent) and os.path.isdir(parent)
-
-
-def _check_model_path(option: str, name: str) -> None:
-    path = Path(name)
-    if not path.exists():
-        if _looks_like_path(name):
-            raise UserError(
-                f"{option}: {name}: no such folder (expected a save_pretrained folder or a hub id)"
-            )
-        return  # a hub id, resolved (or not) by transformers
-    if not path.is_dir():
-        raise UserError(f"{option}: {name} is a file; expected a save_pretrained folder or a hub id")
-    # AutoTokenizer reads any of these; AutoModelForCausalLM needs config.json.
-    wanted = (
-        ("tokenizer_config.json", "tokenizer.json", "config.json")
-        if option == "tokenizer"
-        else ("config.json",)
-    )
-    if not any((path / file).is_file() for file in wanted):
-        raise UserError(f"{option}: {name} has no {' or '.join(wanted)}; expected a save_pretrained folder")
-
-
-def _check_writable_dir(option: str, name: str) -> None:
-    """Creates the folder and a scratch file in it, so that a run never fails on it after loading a model."""
-    try:
-        Path(name).mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=name).close()
-    except OSError as e:
-        raise UserError(f"{option}: cannot create or write the folder {name} ({e.strerror or e})") from None
 
 
 def _positive_int(text: str) -> int:

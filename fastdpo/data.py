@@ -11,11 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +21,14 @@ import datasets
 import jinja2
 from transformers import PreTrainedTokenizerBase
 
+from fastdpo.data_cache import read_cache, write_cache
 from fastdpo.data_sources import InvalidRow, collect_rows, describe
 from fastdpo.errors import UserError
 
 __all__ = ["DataReport", "load_preference_data", "tokenize_preferences"]
 
 # Bump when the tokenized layout or the truncation rules change, so old cache entries are never reused.
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: an entry records the sha256 of its files, checked on load
 _SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 _EXPECTED = (
     "a JSON object with 'prompt', 'chosen', 'rejected' (or only 'chosen'/'rejected' with an implicit prompt, "
@@ -456,10 +455,9 @@ def tokenize_rows(
     ).hexdigest()[:32]
     name = f"tokenized-{kind}-{key}" if kind else f"tokenized-{key}"
     entry = Path(cache_dir, name) if cache_dir is not None else None
-    if entry is not None and (entry / "report.json").exists():
-        report = report_cls(**json.loads((entry / "report.json").read_text()))
-        report.from_cache = True
-        return datasets.load_from_disk(os.fspath(entry / "data")), report
+    cached = read_cache(entry, report_cls) if entry is not None else None
+    if cached is not None:
+        return cached
 
     token_features = datasets.Features(
         {
@@ -501,16 +499,5 @@ def tokenize_rows(
     extra_counts = counts(tokenized) if counts else {}
     report = report_cls(len(dataset), kept, dict(statuses), truncated, False, **extra_counts)
     if entry is not None:
-        _write_cache(entry, tokenized, report)
+        write_cache(entry, tokenized, report)
     return tokenized, report
-
-
-def _write_cache(entry: Path, tokenized: datasets.Dataset, report: DataReport) -> None:
-    """Writes a cache entry to a temporary directory and renames it, so readers never see a partial one."""
-    tmp = entry.with_name(f".{entry.name}-{uuid.uuid4().hex}")
-    tokenized.save_to_disk(os.fspath(tmp / "data"))
-    (tmp / "report.json").write_text(json.dumps(asdict(report)))
-    try:
-        tmp.rename(entry)
-    except OSError:  # another process wrote the same entry first; its content is identical
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -7,6 +7,7 @@ JSON) comes as an ``InvalidRow``, which ``skip_invalid`` counts and skips like a
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -48,7 +49,8 @@ def _jsonl_rows(path: Path, name: str) -> Iterator[tuple[str, Any]]:
         for lineno, raw in enumerate(f, start=1):
             location = f"{name} line {lineno}"
             try:
-                line = raw.decode("utf-8")
+                # An editor's byte order mark may open the file; it is not part of the first row.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield location, InvalidRow("invalid_utf8", _not_utf8(raw, e))
                 continue
@@ -89,6 +91,7 @@ def source_rows(source: Any, split: str) -> Iterable[tuple[str, Any]]:
     if path.suffix.lower() == ".parquet":
         return [(f"{name} row {i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     raw, bad = path.read_bytes(), ""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -243,8 +243,8 @@ def _options(root: Path, out: Path, **overrides) -> dict:
     return {**options, **overrides}
 
 
-def _run_driver(cases: dict[str, tuple[str, dict]]) -> dict[str, dict]:
-    """Runs ``{label: (case, options)}`` in one driver subprocess, one case after another."""
+def _run_driver(cases: dict[str, tuple[str, dict]], script: str = __file__) -> dict[str, dict]:
+    """Runs ``{label: (case, options)}`` in one driver subprocess (``script``), one case after another."""
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
@@ -253,7 +253,7 @@ def _run_driver(cases: dict[str, tuple[str, dict]]) -> dict[str, dict]:
     }
     try:
         proc = subprocess.run(
-            [sys.executable, __file__, json.dumps(cases)],
+            [sys.executable, script, json.dumps(cases)],
             capture_output=True,
             text=True,
             env=env,

@@ -16,6 +16,7 @@ valid, ``CheckpointError`` names the run folder and every reason. Nothing here u
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -122,7 +123,14 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    """Writes a safetensors file; a failed write (a full disk) is an ``OSError`` like any other write's."""
+    try:
+        safetensors.torch.save_file(tensors, path, metadata=metadata)
+    except safetensors.SafetensorError as err:
+        # The Rust writer reports I/O failures as SafetensorError("... Os { code: 28, ... }"), not OSError.
+        code = re.search(r"code: (\d+)", str(err))
+        number = int(code.group(1)) if code else errno.EIO
+        raise OSError(number, os.strerror(number), str(path)) from err
     fsync(path)
 
 
@@ -225,15 +233,27 @@ def remove_stale(run_dir: Path, layout: Layout, complete: Callable[[Path], Any])
                 entry.unlink(missing_ok=True)
 
 
-def prune(run_dir: Path, layout: Layout, step: int, keep_last: int, complete: Callable[[Path], Any]) -> None:
-    """Deletes complete checkpoints older than the ``keep_last`` newest with a step <= ``step``.
+def prune(
+    run_dir: Path,
+    layout: Layout,
+    step: int,
+    keep_last: int,
+    complete: Callable[[Path], Any],
+    *,
+    protect: str | os.PathLike | None = None,
+) -> None:
+    """Deletes complete checkpoints older than the ``keep_last`` newest with a step <= ``step``, except
+    ``protect`` (the trainer's last good checkpoint during a bad streak).
 
     Checkpoints with a higher step (from a timeline abandoned by resuming an earlier checkpoint) are not
     touched. Each victim is renamed to a stale name first, so a kill mid-delete never leaves a
     half-deleted folder that looks like a checkpoint.
     """
     older = [path for s, path in _folders(run_dir, layout) if s <= step and _passes(complete, path)]
+    kept = None if protect is None else Path(protect).resolve()
     for path in older[: max(len(older) - keep_last, 0)]:
+        if path.resolve() == kept:
+            continue
         trash = run_dir / f".trash-{path.name}-{secrets.token_hex(4)}"
         os.replace(path, trash)
         shutil.rmtree(trash, ignore_errors=True)

@@ -61,6 +61,7 @@ def save_checkpoint(
     extra: dict | None = None,
     keep_last: int | None = 2,
     model_weights: Literal["auto", "full", "trainable"] = "auto",
+    protect: str | os.PathLike | None = None,
 ) -> Path:
     """Atomically writes ``run_dir/checkpoint-{step:08d}`` and points ``run_dir/latest`` at it.
 
@@ -78,6 +79,7 @@ def save_checkpoint(
         model_weights: ``"full"`` saves the whole state dict; ``"trainable"`` only parameters with
             ``requires_grad`` plus buffers (the rest must be rebuilt identically before loading);
             ``"auto"`` is ``"trainable"`` for peft models and ``"full"`` otherwise.
+        protect: A checkpoint never pruned, whatever ``keep_last`` says (on top of the kept ones), or None.
 
     Returns:
         Path of the new checkpoint folder.
@@ -127,7 +129,7 @@ def save_checkpoint(
         raise
     io.remove_stale(run_dir, LAYOUT, _complete_meta)
     if keep_last is not None:
-        io.prune(run_dir, LAYOUT, step, keep_last, _complete_meta)
+        io.prune(run_dir, LAYOUT, step, keep_last, _complete_meta, protect=protect)
     return final
 
 

@@ -67,6 +67,7 @@ def save_sharded(
     extra: Mapping[str, Any] | None = None,
     *,
     keep_last: int | None = 2,
+    protect: str | os.PathLike | None = None,
 ) -> Path:
     """Atomically writes ``run_dir/sharded-{step:08d}``; every rank calls it, each writes its own shards.
 
@@ -82,6 +83,7 @@ def save_sharded(
         optimizer: its optimizer, or None.
         extra: JSON-serializable resumable state (scheduler, data position, ...), or None.
         keep_last: how many sharded checkpoints to keep, this one included; None keeps all.
+        protect: a checkpoint never pruned, whatever ``keep_last`` says (on top of the kept ones), or None.
 
     Returns:
         The checkpoint folder.
@@ -127,7 +129,7 @@ def save_sharded(
         io.write_pointer(run_dir, LAYOUT, final.name)
         io.remove_stale(run_dir, LAYOUT, _complete_meta)
         if keep_last is not None:
-            io.prune(run_dir, LAYOUT, step, keep_last, _complete_meta)
+            io.prune(run_dir, LAYOUT, step, keep_last, _complete_meta, protect=protect)
 
     _on_every_rank("prepare", prepare if rank() == 0 else None, final)
     try:

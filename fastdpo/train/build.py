@@ -30,6 +30,7 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "warmup_cosine",
+    "warn_max_length",
 ]
 
 
@@ -197,3 +198,18 @@ def logit_transform(model: nn.Module) -> tuple[float, float | None]:
     if scale is not None and not scale > 0:
         raise ValueError(f"model config: expected logit_scale > 0, got {scale!r}")
     return (1.0 / float(scale) if scale is not None else 1.0), (None if softcap is None else float(softcap))
+
+
+def warn_max_length(config: TrainConfig, model: nn.Module) -> None:
+    """Warns when ``max_length`` exceeds the positions the model was built for: longer rows would run on
+    position embeddings (or RoPE angles) it never trained on."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and config.max_length > limit:
+        logger.warning(
+            "max_length %d is over the model's max_position_embeddings %d: tokens past %d get positions the "
+            "model never saw; expected max_length <= %d",
+            config.max_length,
+            limit,
+            limit,
+            limit,
+        )

@@ -51,8 +51,10 @@ class RunCheckpoints:
         self.fwd, self.out_dir, self.optimizer, self.scheduler = fwd, out_dir, optimizer, scheduler
         self.sharded = fwd.config.strategy == "fsdp2"
 
-    def save(self, step: int, data_state: dict[str, Any], extra: dict[str, Any]) -> Path:
-        """Writes an atomic checkpoint of ``step``; every rank calls it.
+    def save(
+        self, step: int, data_state: dict[str, Any], extra: dict[str, Any], protect: Path | None = None
+    ) -> Path:
+        """Writes an atomic checkpoint of ``step``; every rank calls it. ``protect`` is never pruned.
 
         Raises:
             UserError: The weights are not finite, or the write failed (e.g. the disk is full); the
@@ -64,7 +66,9 @@ class RunCheckpoints:
             if self.sharded:
                 extra = {**extra, "data_state": data_state, "scheduler": self.scheduler.state_dict()}
                 model = self.fwd.model
-                return save_sharded(self.out_dir, step, model, self.optimizer, extra, keep_last=keep_last)
+                return save_sharded(
+                    self.out_dir, step, model, self.optimizer, extra, keep_last=keep_last, protect=protect
+                )
             path, ok = None, False
             try:
                 if self.fwd.dist.is_main:
@@ -77,6 +81,7 @@ class RunCheckpoints:
                         data_state=data_state,
                         extra=extra,
                         keep_last=keep_last,
+                        protect=protect,
                     )
                 ok = True
             finally:

@@ -10,9 +10,11 @@ import os
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from fastdpo.distributed import STRATEGIES
 from fastdpo.errors import finite_float
@@ -20,7 +22,7 @@ from fastdpo.losses import LOSS_TYPES
 from fastdpo.losses.kto import KTO_LOSS_TYPES
 from fastdpo.modeling import ATTN_BACKENDS
 
-__all__ = ["AUTO_TOKENS", "DTYPES", "REFERENCE_MODES", "TrainConfig", "resume_changes"]
+__all__ = ["AUTO_TOKENS", "DTYPES", "REFERENCE_MODES", "TrainConfig", "read_yaml", "resume_changes"]
 
 REFERENCE_MODES = ("precompute", "model", "adapter", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -255,6 +257,7 @@ class TrainConfig:
 
         check(bool(self.model), "model", "a model folder or id")
         check(bool(self.data), "data", "a preference data file or folder")
+        check(bool(self.output_dir.strip()), "output_dir", "a folder path (not empty)")
         check(self.param_dtype in DTYPES, "param_dtype", f"one of {list(DTYPES)}")
         check(self.dtype in ("auto", *DTYPES), "dtype", f"one of {['auto', *DTYPES]}")
         check(
@@ -417,3 +420,30 @@ def resume_changes(
     differ = {k: (saved[k], now[k]) for k in now if k in saved and k not in skipped and saved[k] != now[k]}
     identity = {k: v for k, v in differ.items() if k in RESUME_IDENTITY}
     return identity, {k: v for k, v in differ.items() if k not in identity}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a key twice in one mapping, which it would let the later one win."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} at line {line} (first at line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike) -> Any:
+    """Parses a YAML file (a leading UTF-8 BOM allowed); a key repeated in a mapping is an error.
+
+    Raises:
+        ValueError: Unreadable, not YAML, or a duplicate key, naming the file (and the key and its line).
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  (a SafeLoader subclass)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError) as e:
+        raise ValueError(f"--config {path}: cannot read it as YAML ({e})") from None

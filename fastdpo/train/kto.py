@@ -34,6 +34,7 @@ from torch import nn
 
 from fastdpo.data_unpaired import balance_warning, kl_completions, load_unpaired_data, tokenize_unpaired
 from fastdpo.distributed import gather_metrics
+from fastdpo.errors import UserError
 from fastdpo.losses import FusedLinearKTOLoss, KTOLossOutput
 from fastdpo.packing import IGNORE_INDEX, PackedBatch, pack_pairs, pack_sequences, pair_num_tokens
 from fastdpo.train.config import TrainConfig
@@ -125,6 +126,12 @@ def load_unpaired_splits(
     train, held_out = tokenized_splits(
         config, tokenizer, cache_dir, load_unpaired_data, tokenize_unpaired, "examples", "examples"
     )
+    if config.loss_type == "kto" and len(train) < 2:
+        # The KL term scores each completion under another example's prompt; one example has no other.
+        raise UserError(
+            f"{config.data} [{config.split}]: {len(train)} usable example, but loss_type kto needs at least "
+            "2 (its KL term pairs each completion with another example's prompt)"
+        )
     labels = np.asarray(train["label"], dtype=bool)
     warning = balance_warning(
         int(labels.sum()), int((~labels).sum()), config.desirable_weight, config.undesirable_weight

@@ -31,7 +31,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo.distributed import wrap_model
-from fastdpo.errors import UserError
 from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
 from fastdpo.losses.kto import KTO_LOSS_TYPES
 from fastdpo.train.build import (
@@ -44,14 +43,17 @@ from fastdpo.train.build import (
     prepare_model,
     resolve_device,
     seed_everything,
+    warn_max_length,
 )
 from fastdpo.train.checkpoints import RunCheckpoints, check_resume
 from fastdpo.train.config import AUTO_TOKENS, DTYPES, TrainConfig
 from fastdpo.train.forward import PackedForward
+from fastdpo.train.health import RunHealth, applied
 from fastdpo.train.kto import UnpairedForward, build_kto_loss, load_unpaired_splits
 from fastdpo.train.metrics import MetricsLog, summarize
 from fastdpo.train.plan import epoch_plan, load_splits
 from fastdpo.train.reference import precompute_reference, reference_inputs
+from fastdpo.train.runlock import RunLock
 from fastdpo.train.signals import StopSignals
 from fastdpo.train.step import accumulate, clip_gradients
 
@@ -86,6 +88,7 @@ class Trainer:
         dist: This process's place in the job (``fastdpo.distributed.DistState``).
         step: Optimizer steps taken so far (restored on resume).
         total_steps: Steps the run will take.
+        health: Applied and skipped steps so far, and the current bad streak (``RunHealth``).
         stopped_by: The signal (``signal.SIGINT`` / ``SIGTERM``) that ended the last ``train()`` early,
             else None.
     """
@@ -126,15 +129,17 @@ class Trainer:
                 cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code
             )
         self.tokenizer = tokenizer
+        # KTO's loss types train on unpaired rows (fastdpo.train.kto); every other one on pairs. The data
+        # comes before the model, so that bad data fails before the (possibly long) model load.
+        unpaired = cfg.loss_type in KTO_LOSS_TYPES
+        load = load_unpaired_splits if unpaired else load_splits
+        self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
         injected = model is not None
         if injected:
             self.model = prepare_model(cfg, model, self.device)
         else:
             self.model = load_model(cfg, cfg.model, self.device)
-        # KTO's loss types train on unpaired rows (fastdpo.train.kto); every other one on pairs.
-        unpaired = cfg.loss_type in KTO_LOSS_TYPES
-        load = load_unpaired_splits if unpaired else load_splits
-        self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
+        warn_max_length(cfg, self.model)
 
         needs_ref = unpaired or LOSS_TYPES[cfg.loss_type].needs_reference
         self.reference = cfg.reference if needs_ref else "none"
@@ -180,8 +185,8 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = self.num_tokens = 0
         self.stopped_by: int | None = None
         self.metrics_log: MetricsLog | None = None  # opened by train(), which truncates it to self.step
-        if cfg.resume:
-            self._resume_latest()
+        resumed = self._resume_latest() if cfg.resume else None
+        self.health = RunHealth(cfg.max_bad_steps, cfg.lr, resumed)
 
     def _precompute_references(self, *, cacheable: bool) -> None:
         """Reference log-probs of every split: ``ref_model``'s if set, else the policy's before any update."""
@@ -216,16 +221,19 @@ class Trainer:
         """Runs the remaining optimizer steps, evaluating, logging and checkpointing on the way.
 
         A step whose loss or gradient norm is not finite is not applied (logged as ``split: skipped``);
-        after ``max_bad_steps`` of them in a row the run stops with a ``UserError``. SIGINT / SIGTERM
-        end the run after the current step with a checkpoint, and ``stopped_by`` names the signal.
+        after ``max_bad_steps`` of them (or of steps with a gradient norm of 0) in a row the run stops with a
+        ``UserError``, and so does a run whose last step was skipped or that applied none (``RunHealth``).
+        SIGINT / SIGTERM end the run after the current step with a checkpoint, and ``stopped_by`` names the
+        signal.
 
         Args:
             stop_after: Return right after this global step, as if the job were killed there (no final
                 evaluation or export); the next ``Trainer`` with ``resume=True`` carries on.
 
         Returns:
-            ``{"train": last logged train metrics, "eval": last eval metrics}``; ``eval`` only with eval
-            pairs, ``train`` only once a step was logged.
+            ``{"train": last logged train metrics, "eval": last eval metrics, "steps": {"applied",
+            "skipped"}}`` (this Trainer's steps); ``eval`` only with eval pairs, ``train`` only once an
+            applied step was logged.
         """
         cfg = self.config
         self._write_config()
@@ -236,7 +244,6 @@ class Trainer:
         result: dict[str, dict[str, float]] = {}
         pending: list[dict[str, float]] = []
         evaluated_at = saved_at = -1
-        bad_steps = 0
         bar = tqdm(
             total=self.total_steps,
             initial=self.step,
@@ -253,8 +260,7 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     bar.update(1)
-                    if _applied(metrics):
-                        bad_steps = 0
+                    if self.health.step(self.step, metrics, self.metrics_log):
                         metrics["epoch"] = self.epoch + self.step_in_epoch / len(plan)
                         pending.append(metrics)
                         # shown[1]: DPO's reward accuracy ("acc"), KTO's KL term ("kl").
@@ -264,8 +270,6 @@ class Trainer:
                             **{second.split("/")[-1][:3]: f"{metrics.get(second, math.nan):.2f}"},
                             tok_s=f"{metrics['tokens_per_second']:.0f}",
                         )
-                    else:
-                        bad_steps = self._skipped(metrics, bad_steps + 1)
                     if pending and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                         result["train"] = summarize(pending)
                         self.metrics_log.log(self.step, "train", result["train"])
@@ -293,6 +297,8 @@ class Trainer:
                 if self.step_in_epoch >= len(plan):
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
         bar.close()
+        self.metrics_log.flush()
+        self.health.check_end(self.step)
         if self.eval_split is not None and evaluated_at != self.step:
             result["eval"] = self._log_eval()
         if cfg.save_every and saved_at != self.step and self.step > 0:
@@ -300,6 +306,7 @@ class Trainer:
         if cfg.save_model:
             self._export(self.out_dir / "final")
         self.metrics_log.flush()
+        result["steps"] = {"applied": float(self.health.applied), "skipped": float(self.health.skipped)}
         return result
 
     def _write_config(self) -> None:
@@ -311,30 +318,6 @@ class Trainer:
             tmp = self.out_dir / f".config.yaml.{os.getpid()}.tmp"
             tmp.write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False), encoding="utf-8")
             os.replace(tmp, self.out_dir / "config.yaml")
-
-    def _skipped(self, metrics: dict[str, float], bad_steps: int) -> int:
-        """Logs a step whose update was not applied; stops the run after ``max_bad_steps`` in a row."""
-        loss, grad_norm, limit = metrics["loss"], metrics["grad_norm"], self.config.max_bad_steps
-        logger.warning(
-            "step %d skipped: non-finite loss %s or grad_norm %s, the update was not applied (%d in a row, "
-            "max_bad_steps %d)",
-            self.step,
-            loss,
-            grad_norm,
-            bad_steps,
-            limit,
-        )
-        reason = f"non-finite loss {loss} or grad_norm {grad_norm}"
-        self.metrics_log.log(self.step, "skipped", {"reason": reason, "bad_steps": bad_steps})
-        if bad_steps >= limit:
-            self.metrics_log.flush()
-            raise UserError(
-                f"stopping at step {self.step}: {bad_steps} optimizer steps in a row had a non-finite loss "
-                f"or gradient norm (last: loss {loss}, grad_norm {grad_norm}), so the run has diverged and "
-                f"nothing was exported; expected finite values: lower lr ({self.config.lr}) or set "
-                "max_grad_norm, then resume from the last checkpoint (allow_config_change) or start over"
-            )
-        return bad_steps
 
     def _step_or_explain(self, bins: list[np.ndarray]) -> dict[str, float]:
         """Runs ``_train_step``; across ranks a failure names the step and rank and points at the peers."""
@@ -368,7 +351,7 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         # The loss and the norm are global (reduced over ranks), so every rank makes the same choice. A
         # skipped step still advances the schedule: the LR stays a function of the step.
-        if _applied(metrics):
+        if applied(metrics):
             self.optimizer.step()
             self.scheduler.step()
         else:
@@ -430,9 +413,12 @@ class Trainer:
             "num_tokens": self.num_tokens,
             "config": self.config.to_dict(),
         }
-        return self.checkpoints.save(self.step, data_state, extra)
+        # A checkpoint of a bad streak must not prune the last good one, which a resume should start from.
+        path = self.checkpoints.save(self.step, data_state, extra, protect=self.health.protected)
+        self.health.saved(path)
+        return path
 
-    def _resume_latest(self) -> None:
+    def _resume_latest(self) -> Path | None:
         """Restores the newest valid checkpoint in ``output_dir``, if there is one (same on every rank).
 
         Options that differ from the checkpoint's run are refused, or with ``allow_config_change`` applied
@@ -440,7 +426,7 @@ class Trainer:
         """
         restored = self.checkpoints.restore_latest()
         if restored is None:
-            return
+            return None
         path, state = restored
         changed = check_resume(path, state["extra"] or {}, self.config, self._plan_identity())
         self.step = state["step"]
@@ -454,6 +440,7 @@ class Trainer:
             self.scheduler = build_scheduler(cfg, self.optimizer, self.total_steps, last_step=self.step)
             self.checkpoints.scheduler = self.scheduler
         logger.info("resumed from %s at step %d", path, self.step)
+        return path
 
     def _export(self, out_dir: Path) -> None:
         """Writes the trained model and tokenizer as a ``from_pretrained`` folder; every rank calls it."""
@@ -463,20 +450,17 @@ class Trainer:
         self.checkpoints.export(out_dir, self.tokenizer, ckpt)
 
 
-def _applied(metrics: dict[str, float]) -> bool:
-    """Whether a step's update is applied: its loss and gradient norm are finite."""
-    return math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
-
-
 def train(config: TrainConfig) -> dict[str, dict[str, float]]:
-    """Runs ``fastdpo train``: ``Trainer(config).train()``.
+    """Runs ``fastdpo train``: ``Trainer(config).train()`` holding ``output_dir``'s lock (``RunLock``).
 
     Raises:
         SystemExit: With status 130 (SIGINT) or 143 (SIGTERM) when a signal stopped the run; its
             checkpoint was written first.
     """
-    trainer = Trainer(config)
-    result = trainer.train()
+    # Rank 0 alone takes the lock: the job's other ranks share the folder with it.
+    with RunLock(config.output_dir, enabled=os.environ.get("RANK", "0") in ("", "0")):
+        trainer = Trainer(config)
+        result = trainer.train()
     if trainer.stopped_by is not None:
         raise SystemExit(128 + trainer.stopped_by)
     return result

@@ -7,6 +7,7 @@ Every rank derives the same plan from ``(seed, epoch)`` alone, so a checkpoint's
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ import pyarrow.compute as pc
 import torch
 
 from fastdpo.data import load_preference_data, tokenize_preferences
+from fastdpo.errors import UserError
 from fastdpo.packing import PackedBatch, pack_pairs, pair_num_tokens, plan_bins
 from fastdpo.train.config import TrainConfig
 
@@ -85,6 +87,11 @@ def tokenized_splits(
     def tokenized(source: str, split: str) -> Any:
         raw, report = load(source, split=split, skip_invalid=config.skip_invalid)
         logger.info("%s [%s]: %s", source, split, report)
+        if not report.rows_read:
+            raise UserError(f"{source} [{split}]: no rows (the data is empty); expected {noun}")
+        if not report.rows_kept:
+            raise UserError(f"{source} [{split}]: all {report.rows_read} rows are invalid ({report})")
+        _warn_duplicates(raw, source, split)
         data, report = tokenize(
             raw,
             tokenizer,
@@ -95,7 +102,17 @@ def tokenized_splits(
         )
         logger.info("%s [%s] tokenized: %s", source, split, report)
         if len(data) == 0:
-            raise ValueError(f"{source} [{split}]: no usable {usable} after tokenization ({report})")
+            raise UserError(f"{source} [{split}]: no usable {usable} after tokenization ({report})")
+        if report.rows_truncated * 2 > report.rows_kept:
+            logger.warning(
+                "%s [%s]: %d of %d rows were truncated to max_length %d: most of the data is cut; a larger "
+                "max_length (or max_prompt_length) keeps it",
+                source,
+                split,
+                report.rows_truncated,
+                report.rows_kept,
+                config.max_length,
+            )
         return data
 
     train, held_out = tokenized(config.data, config.split), None
@@ -105,11 +122,28 @@ def tokenized_splits(
         order = np.random.default_rng(config.seed).permutation(len(train))
         num_eval = max(1, round(config.eval_fraction * len(train)))
         if num_eval >= len(train):
-            raise ValueError(
+            raise UserError(
                 f"eval_fraction: {config.eval_fraction} of {len(train)} {noun} leaves none to train on"
             )
         train, held_out = train.select(np.sort(order[num_eval:])), train.select(np.sort(order[:num_eval]))
     return train, held_out
+
+
+def _warn_duplicates(raw: Any, source: str, split: str) -> None:
+    """Warns about rows that occur more than once: they weigh more in the loss than the data suggests."""
+    seen: set[str] = set()
+    repeated = 0
+    for row in raw.to_list() if hasattr(raw, "to_list") else raw:
+        key = json.dumps(row, sort_keys=True, default=str)
+        repeated += key in seen
+        seen.add(key)
+    if repeated:
+        logger.warning(
+            "%s [%s]: %d duplicate rows (identical to an earlier row); each copy counts in the loss",
+            source,
+            split,
+            repeated,
+        )
 
 
 def _split(name: str, data: Any, shared_prompt: bool) -> Split:

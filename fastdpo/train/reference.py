@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -32,7 +33,7 @@ from fastdpo.train.plan import Split
 __all__ = ["precompute_reference", "reference_inputs"]
 
 logger = logging.getLogger("fastdpo")
-_REF_CACHE_VERSION = 1
+_REF_CACHE_VERSION = 2  # 2: the entry records its key and the sha256 of its tensors, checked on load
 
 
 def reference_inputs(
@@ -104,8 +105,8 @@ def precompute_reference(
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     path = cache_dir / f"ref-logps-{digest}.safetensors"
     n = len(split.data)
-    cached = load_file(path) if cacheable and path.exists() else None
-    hit = cached is not None and cached["chosen"].shape == (n,)
+    cached = _read_cache(path, key, n) if cacheable and path.exists() else None
+    hit = cached is not None
     # Every rank must take the same branch: the pass below is collective under DDP / FSDP2.
     if all_reduce_sum(int(hit)) == fwd.dist.world_size:
         split.ref_chosen, split.ref_rejected = cached["chosen"], cached["rejected"]
@@ -133,9 +134,43 @@ def precompute_reference(
     if fwd.dist.is_main and cacheable:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"chosen": chosen, "rejected": rejected}, tmp, metadata={"key": json.dumps(key)})
+        tensors = {"chosen": chosen, "rejected": rejected}
+        save_file(tensors, tmp, metadata={"key": json.dumps(key), "sha256": _tensors_sha256(tensors)})
         os.replace(tmp, path)
         logger.info("%s reference log-probs: computed, cached at %s", split.name, path)
+
+
+def _tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for name in sorted(tensors):
+        sha.update(name.encode())
+        sha.update(tensors[name].contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def _read_cache(path: Path, key: dict[str, Any], n: int) -> dict[str, torch.Tensor] | None:
+    """The cached log-probs at ``path`` if its key, sha256 and shape check out; else a warning and None.
+
+    The file name holds only a prefix of the key's hash, and a file can be cut or flipped on disk, so a
+    wrong or damaged entry would otherwise feed the loss wrong references without a word.
+    """
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118  (not a dict)
+    except (OSError, SafetensorError, ValueError) as err:
+        problem = f"unreadable ({err})"
+    else:
+        if metadata.get("key") is None or json.loads(metadata["key"]) != key:
+            problem = "its key (model, data, options) differs from this run's"
+        elif metadata.get("sha256") != _tensors_sha256(tensors):
+            problem = "its contents do not match their recorded sha256"
+        elif tensors.keys() != {"chosen", "rejected"} or tensors["chosen"].shape != (n,):
+            problem = f"it does not hold {n} chosen and rejected log-probs"
+        else:
+            return tensors
+    logger.warning("reference log-prob cache %s: %s; recomputing it", path, problem)
+    return None
 
 
 def _model_identity(name: str) -> dict[str, Any]:
