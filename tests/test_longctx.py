@@ -185,3 +185,29 @@ def test_alloc_conf_default_keeps_the_users():
     for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         env = {name: "max_split_size_mb:128"}
         assert not default_alloc_conf(env) and env == {name: "max_split_size_mb:128"}
+
+
+def test_lora_inputs_kept_uncast_under_autocast_give_the_same_bits():
+    """peft casts a LoRA layer's input to fp32, autocast casts it straight back: skipping both is exact."""
+    from fastdpo.train.forward import _keep_lora_inputs
+
+    def run(keep):
+        torch.manual_seed(0)
+        model = build_policy(_config(param_dtype="bf16"), _model_config(), torch.device("cpu"))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn_like(p) * 0.1)
+        if keep:
+            _keep_lora_inputs(model)
+            lora = [m for m in model.modules() if hasattr(m, "lora_A")]
+            assert len(lora) == 21 and not any(m.cast_input_dtype_enabled for m in lora)
+        ids = torch.randint(0, TINY["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(1))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids).logits.float().square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    (want, want_grads), (got, got_grads) = run(False), run(True)
+    assert torch.equal(got, want)
+    assert all(torch.equal(g, w) for g, w in zip(got_grads, want_grads, strict=True))
