@@ -40,6 +40,7 @@ __all__ = [
     "ALLOC_CONF",
     "LayerOffload",
     "auto_tile_tokens",
+    "decoder_layers",
     "default_alloc_conf",
     "install_long_context",
     "save_on_host",
@@ -310,7 +311,8 @@ def save_on_host(device: torch.device) -> AbstractContextManager[None]:
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a transformers causal LM (the first non-empty ``layers`` ModuleList)."""
     for module in model.modules():
         layers = getattr(module, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -346,7 +348,7 @@ def install_long_context(
     if tile_tokens < 0:
         raise ValueError(f"tile_tokens: expected an int >= 0 (0: auto), got {tile_tokens}")
     changed = {"mlp": 0, "norm": 0, "offloaded_layers": 0}
-    layers = _decoder_layers(model)
+    layers = decoder_layers(model)
     if tiled_mlp:
         for layer in layers:
             mlp = getattr(layer, "mlp", None)

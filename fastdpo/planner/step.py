@@ -22,6 +22,7 @@ from torch import nn
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastdpo.distributed import DistState
+from fastdpo.longctx import decoder_layers
 from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
 from fastdpo.memtrack import LiveBytes, current_tracker, label
 from fastdpo.metarun import autocast_dtype, meta_autocast, plan_for
@@ -96,14 +97,6 @@ def build_policy(config: TrainConfig, model_config: Any, device: torch.device) -
     return add_lora(config, model) if config.lora_r else model
 
 
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    for module in model.modules():
-        layers = getattr(module, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return list(layers)
-    return []
-
-
 def _labeled(fn: Any, region: str, layer: int | None) -> Any:
     """``fn`` that tags allocations inside with ``region`` and ``layer``, keeping the layer afterwards (so
     its backward, which follows its recompute, stays attributed to it)."""
@@ -133,7 +126,7 @@ def _region_hooks(model: nn.Module, loss_fn: nn.Module) -> Iterator[None]:
         undo.append((module, name, original))
 
     wrap(loss_fn, "forward", "head", None)
-    for i, layer in enumerate(_decoder_layers(model)):
+    for i, layer in enumerate(decoder_layers(model)):
         wrap(layer, "forward", "decoder", i)
         # transformers checkpoints a layer's forward (not its __call__, so hooks miss the recompute): the
         # function it checkpoints is labeled too.
