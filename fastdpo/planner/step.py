@@ -23,12 +23,19 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from fastdpo.distributed import DistState
 from fastdpo.longctx import decoder_layers
-from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
+from fastdpo.losses import LOSS_TYPES
 from fastdpo.memtrack import LiveBytes, current_tracker, label
 from fastdpo.metarun import autocast_dtype, meta_autocast, plan_for
 from fastdpo.ops._head_chunked import release_scratch
 from fastdpo.packing import pair_num_tokens
-from fastdpo.train.build import add_lora, build_optimizer, build_scheduler, logit_transform, prepare_model
+from fastdpo.train.build import (
+    add_lora,
+    build_dpo_loss,
+    build_optimizer,
+    build_scheduler,
+    logit_transform,
+    prepare_model,
+)
 from fastdpo.train.config import DTYPES, TrainConfig
 from fastdpo.train.forward import PackedForward
 from fastdpo.train.plan import Split
@@ -218,16 +225,7 @@ class StepPlanner:
                 f"reference: the planner plans 'precompute', 'adapter' or 'none', got {self.reference!r} (a "
                 "separate ref_model adds its weights and a no-grad forward)"
             )
-        self.loss_fn = FusedLinearDPOLoss(
-            beta=config.beta,
-            loss_type=config.loss_type,
-            label_smoothing=config.label_smoothing,
-            reference_free=needs_ref and self.reference == "none",
-            stats=True,
-            temperature=temperature,
-            softcap=softcap,
-            backend=config.backend,
-        )
+        self.loss_fn = build_dpo_loss(config, temperature=temperature, softcap=softcap)
         dist = DistState(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
         auto = "bf16" if target == "cuda" else "fp32"
         compute = DTYPES[auto if config.dtype == "auto" else config.dtype]

@@ -14,6 +14,7 @@ from torch import nn
 
 from fastdpo.distributed import DistState, init_distributed
 from fastdpo.longctx import install_long_context
+from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
 from fastdpo.metarun import device_type
 from fastdpo.train.config import DTYPES, TrainConfig
 
@@ -21,6 +22,7 @@ logger = logging.getLogger("fastdpo")
 
 __all__ = [
     "add_lora",
+    "build_dpo_loss",
     "build_optimizer",
     "build_scheduler",
     "join_job",
@@ -125,6 +127,20 @@ def add_lora(config: TrainConfig, model: nn.Module) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lora)
+
+
+def build_dpo_loss(config: TrainConfig, *, temperature: float, softcap: float | None) -> nn.Module:
+    """The run's ``FusedLinearDPOLoss`` (statistics on, reference-free under ``reference: none``)."""
+    return FusedLinearDPOLoss(
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+        reference_free=LOSS_TYPES[config.loss_type].needs_reference and config.reference == "none",
+        stats=True,
+        temperature=temperature,
+        softcap=softcap,
+        backend=config.backend,
+    )
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:

@@ -31,10 +31,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fastdpo.distributed import wrap_model
-from fastdpo.losses import LOSS_TYPES, FusedLinearDPOLoss
+from fastdpo.losses import LOSS_TYPES
 from fastdpo.losses.kto import KTO_LOSS_TYPES
 from fastdpo.train.build import (
     add_lora,
+    build_dpo_loss,
     build_optimizer,
     build_scheduler,
     join_job,
@@ -147,16 +148,7 @@ class Trainer:
         if unpaired:
             self.loss_fn = build_kto_loss(cfg, temperature=temperature, softcap=softcap)
         else:
-            self.loss_fn = FusedLinearDPOLoss(
-                beta=cfg.beta,
-                loss_type=cfg.loss_type,
-                label_smoothing=cfg.label_smoothing,
-                reference_free=needs_ref and cfg.reference == "none",
-                stats=True,
-                temperature=temperature,
-                softcap=softcap,
-                backend=cfg.backend,
-            )
+            self.loss_fn = build_dpo_loss(cfg, temperature=temperature, softcap=softcap)
         self.ref_model = None
         if self.reference == "model":
             self.ref_model = load_model(cfg, cfg.ref_model, self.device, trainable=False)
