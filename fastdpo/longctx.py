@@ -20,6 +20,7 @@ under :func:`fastdpo.memtrack.host_allocation`, so the live-bytes tracker counts
 
 from __future__ import annotations
 
+import logging
 import math
 import types
 import weakref
@@ -35,6 +36,8 @@ from torch.utils.checkpoint import checkpoint
 
 from fastdpo.memtrack import host_allocation
 from fastdpo.metarun import autocast_dtype, autocast_off, meta_autocast
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ALLOC_CONF",
@@ -178,6 +181,17 @@ def _tiled_forward(
     # unsharded parameters for the forward.
     params = [p for p in module.parameters() if p.requires_grad]
     return tiled_rows(partial(forward, module), x, params, tile_tokens)
+
+
+def _stop_kernelizing(model: nn.Module) -> None:
+    """Restores the torch forwards of layers transformers replaced with hub kernels and stops it doing so
+    again (it would pop the tiled forwards at the next train/eval switch)."""
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) and hasattr(module, "set_use_kernels"):
+            logger.info(
+                "long context: transformers' hub kernels off for %s (tiled modules)", type(module).__name__
+            )
+            module.set_use_kernels(False)
 
 
 def _tile_module(module: nn.Module, tile_tokens: int) -> None:
@@ -339,7 +353,11 @@ def install_long_context(
       :meth:`LayerOffload.checkpoint`; call it after gradient checkpointing is enabled.
 
     Install before peft's ``get_peft_model`` or after it: the tiled modules call their own forward, and so
-    their LoRA-wrapped projections, at each call.
+    their LoRA-wrapped projections, at each call. Tiling turns off transformers' hub-kernel replacement
+    of layer forwards for the model (``from_pretrained``'s ``use_kernels``, on by default since
+    transformers 5.25 when the ``kernels`` package is installed): it re-kernelizes at every change of
+    train/eval mode, and that removes instance forwards, so the tiles would silently be gone after the
+    first ``model.train()``.
 
     Raises:
         ValueError: ``offload_checkpoints`` on a model without gradient checkpointing enabled, or
@@ -349,6 +367,8 @@ def install_long_context(
         raise ValueError(f"tile_tokens: expected an int >= 0 (0: auto), got {tile_tokens}")
     changed = {"mlp": 0, "norm": 0, "offloaded_layers": 0}
     layers = decoder_layers(model)
+    if tiled_mlp or lean_norms:
+        _stop_kernelizing(model)
     if tiled_mlp:
         for layer in layers:
             mlp = getattr(layer, "mlp", None)

@@ -116,6 +116,20 @@ def test_mechanisms_give_todays_numbers(flags):
         assert all(torch.equal(got[n], want[n]) for n in want)
 
 
+def test_tiles_survive_transformers_rekernelizing_on_train_eval(tmp_path):
+    """transformers 5.25 loads with ``use_kernels`` on and re-kernelizes at each train/eval switch, which
+    pops instance forwards: the tiles must still be there after it (they were gone before the fix)."""
+    from transformers import AutoModelForCausalLM
+
+    build_policy(_config(lora_r=0), _model_config(), torch.device("cpu")).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    install_long_context(model, tiled_mlp=True, lean_norms=True)
+    model.train()
+    model.eval()
+    model.train()
+    assert sum("forward" in vars(m) for m in model.modules()) == 3 + 7
+
+
 def test_install_counts_and_needs_checkpointing():
     model = build_policy(_config(), _model_config(), torch.device("meta"))
     changed = install_long_context(model, tiled_mlp=True, lean_norms=True, offload_checkpoints=True)

@@ -118,6 +118,32 @@ def test_fit_finds_the_largest_step_within_the_budget():
     assert fit_tokens(Linear(), 2048, 1_000_000) == 0
 
 
+@pytest.mark.parametrize(
+    "peak",
+    [
+        lambda t: 5_000_000 + 90 * t,  # weights plus a per-token cost: the planner's usual shape
+        lambda t: 5_000_000 + 90 * t + t * t // 50_000,  # convex (attention without flash)
+        lambda t: 5_000_000 + 2_000_000 * (t // 40_000),  # steps (tile counts)
+        lambda t: 5_000_000 + 60 * t + (3_000_000 if t > 300_000 else 0),  # a jump past the line
+        lambda t: 5_000_000 + int(40_000 * t**0.5),  # concave
+    ],
+)
+def test_fit_equals_the_exhaustive_search_in_few_plans(peak):
+    """The line-guided search ends on the same step as trying every size, planning a few sizes only."""
+    calls = []
+
+    class Planner:
+        def measure(self, tokens):
+            calls.append(tokens)
+            return type("M", (), {"peak_bytes": peak(tokens)})()
+
+    for budget in (40_000_000, 60_000_000, 7_500_000):
+        calls.clear()
+        expected = max((t for t in range(8192, 2_000_000, 1024) if peak(t) <= budget), default=0)
+        assert fit_tokens(Planner(), 8192, budget) == expected
+        assert len(calls) == len(set(calls)) <= 16
+
+
 def test_parse_bytes_and_margin():
     assert parse_bytes("80GiB") == 80 * GIB
     assert parse_bytes("80GB") == 80 * 10**9
@@ -146,6 +172,16 @@ def test_cli_plan_json_fit_and_trl(tmp_path):
     assert plan["trl"]["peak_bytes"] > 0 and plan["trl"]["max_tokens_per_step"] > 0
     table = subprocess.run(cmd[:-1], cwd=ROOT, capture_output=True, text=True, env=_env())
     assert "peak device memory" in table.stdout and "planned (meta-device run)" in table.stdout
+
+
+def test_trl_plan_has_none_of_fastdpos_memory_options():
+    """Stock TRL is planned as stock TRL runs, whichever of fastdpo's mechanisms the config turns on."""
+    from fastdpo.planner.trl import FASTDPO_ONLY, TRLStepPlanner
+
+    plain = TRLStepPlanner(_config(), _model_config(), "cuda").measure(700)
+    every = _config(**dict.fromkeys(set(FASTDPO_ONLY) - {"offload_activations"}, True))
+    planned = TRLStepPlanner(every, _model_config(), "cuda").measure(700)
+    assert (planned.peak_bytes, planned.host_bytes) == (plain.peak_bytes, 0)
 
 
 def test_cli_plan_errors_are_one_line(tmp_path):

@@ -19,7 +19,7 @@ from test_distributed import WORLD, _free_port, _rank_env, _Ranks
 from test_trainer import _config, _sequence_logps64, assets  # noqa: F401  (assets is a fixture)
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
-from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM
 
 from fastdpo.demo import build_model, build_tokenizer
 from fastdpo.distributed import init_distributed, unwrap_model
@@ -69,6 +69,7 @@ def _train(rank: int, config: TrainConfig, stop_after: int | None = None) -> dic
         "ref": (trainer.train_split.ref_chosen.clone(), trainer.train_split.ref_rejected.clone()),
         "state": _full_state(trainer),
         "step": trainer.step,
+        "tiled": sum("forward" in vars(m) for m in unwrap_model(trainer.model).modules()),
     }
 
 
@@ -82,14 +83,27 @@ def _logged(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+# Every long-context mechanism, with tiles of 24 rows (not a divisor of the bins) so each MLP runs several.
+LONG_CONTEXT = dict(
+    gradient_checkpointing=True, offload_checkpoints=True, tiled_mlp=True, lean_norms=True, tile_tokens=24
+)
+
+
+@pytest.mark.parametrize("long_context", [False, True], ids=["plain", "long-context"])
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_step_on_two_ranks_equals_one_process(ranks, assets, tmp_path, strategy):  # noqa: F811
-    """One step over the same global batch: same reference table, loss, metrics and updated weights."""
+def test_step_on_two_ranks_equals_one_process(ranks, assets, tmp_path, strategy, long_context):  # noqa: F811
+    """One step over the same global batch: same reference table, loss, metrics and updated weights; with
+    the long-context mechanisms on the ranks too (a tiled MLP that DDP's reducer or FSDP2's resharding saw
+    accumulate a parameter twice would fail here, as Liger's does: Liger #893)."""
     config = _config(assets, tmp_path / "single", log_every=1, backend="torch", lr=1e-3)
     single = _train(0, config, stop_after=1)
-    replies = ranks.run(
-        _train, dataclasses.replace(config, output_dir=str(tmp_path / strategy), strategy=strategy), 1
-    )
+    distributed = dataclasses.replace(config, output_dir=str(tmp_path / strategy), strategy=strategy)
+    if long_context:
+        distributed = dataclasses.replace(distributed, **LONG_CONTEXT)
+    replies = ranks.run(_train, distributed, 1)
+    layers = AutoConfig.from_pretrained(config.model).num_hidden_layers
+    # A tiled MLP and two tiled norms a layer, and the final norm.
+    assert [r["tiled"] for r in replies] == [3 * layers + 1 if long_context else 0] * WORLD
     for reply in replies:
         _assert_same_state(reply["grads"][1], single["grads"][1], rtol=1e-5, atol=1e-7)
         for table, expected in zip(reply["ref"], single["ref"], strict=True):

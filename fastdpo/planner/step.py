@@ -314,19 +314,49 @@ _FIT_QUANTUM = 1024  # --fit searches tokens_per_step in multiples of this
 
 
 def fit_tokens(planner: Any, smallest: int, budget: int) -> int:
-    """The largest multiple of 1024 tokens (at least ``smallest``) whose planned peak is within ``budget``:
-    doubling until a step does not fit, then bisection. 0 if even ``smallest`` does not fit."""
+    """The largest multiple of 1024 tokens (at least ``smallest``) whose planned peak is within ``budget``
+    (0 if even ``smallest`` does not fit), for a peak that does not fall as tokens grow.
+
+    A planned peak is close to linear in the tokens (flash attention's memory is), and a plan's cost grows
+    with them, so each next step size is where the line through the two measured sizes nearest the budget
+    meets it: two small plans, then usually two near the answer (one that fits, one a quantum above that
+    does not). The search keeps a bracket (a size that fits, one that does not) and bisects it whenever a
+    line guess moved the same side of it twice in a row, so it ends on any non-decreasing peak.
+    """
+    q = _FIT_QUANTUM
+    peaks: dict[int, int] = {}
 
     def fits(tokens: int) -> bool:
-        return planner.measure(tokens).peak_bytes <= budget
+        if tokens not in peaks:
+            peaks[tokens] = planner.measure(tokens).peak_bytes
+        return peaks[tokens] <= budget
 
-    low = -(-smallest // _FIT_QUANTUM) * _FIT_QUANTUM
+    low, high = -(-smallest // q) * q, None
     if not fits(low):
         return 0
-    high = low * 2
-    while fits(high):
-        low, high = high, high * 2
-    while high - low > _FIT_QUANTUM:
-        mid = (low + high) // 2 // _FIT_QUANTUM * _FIT_QUANTUM
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
+    guess, moved = 2 * low, []
+    while True:
+        moved.append(fits(guess))
+        if moved[-1]:
+            low = guess
+        else:
+            high = guess
+        if high is not None and high - low <= q:
+            return low
+        guess = _next_guess(peaks, budget, low, high, bisect=moved[-2:] in ([True, True], [False, False]))
+
+
+def _next_guess(peaks: dict[int, int], budget: int, low: int, high: int | None, bisect: bool) -> int:
+    """A multiple of the quantum strictly inside ``(low, high)``: the line guess, or the bracket's middle."""
+    q = _FIT_QUANTUM
+    if high is not None and bisect:
+        return max(low + q, (low + high) // 2 // q * q)
+    near = sorted(peaks, key=lambda t: abs(peaks[t] - budget))[:2] if high is None else [low, high]
+    (t0, p0), (t1, p1) = ((t, peaks[t]) for t in sorted(near))
+    if p1 <= p0:  # flat: no line to follow
+        guess = 2 * low if high is None else (low + high) // 2
+    else:
+        guess = int(t0 + (budget - p0) * (t1 - t0) / (p1 - p0))
+    guess = max(low + q, guess // q * q)
+    # Without a bracket yet, at most 64x the largest fit: a near-flat line must not plan a huge step.
+    return min(guess, 64 * low) if high is None else min(guess, high - q)

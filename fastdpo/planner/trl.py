@@ -39,7 +39,9 @@ from fastdpo.planner.step import (
 from fastdpo.train.build import add_lora, build_optimizer, prepare_model
 from fastdpo.train.config import DTYPES, TrainConfig
 
-__all__ = ["plan_trl"]
+__all__ = ["FASTDPO_ONLY", "TRLStepPlanner", "plan_trl"]
+
+FASTDPO_ONLY = ("offload_activations", "offload_checkpoints", "tiled_mlp", "lean_norms")
 
 
 class _MetaAutocastTorch:
@@ -104,6 +106,8 @@ class TRLStepPlanner:
     """TRL's policy built once on meta; ``measure(tokens)`` plans one step of that many tokens."""
 
     def __init__(self, config: TrainConfig, model_config: Any, target: str) -> None:
+        # Stock TRL has none of fastdpo's memory mechanisms, whatever the fastdpo config turns on.
+        config = dataclasses.replace(config, **dict.fromkeys(FASTDPO_ONLY, False))
         self.config, self.target = config, target
         self.model = _trl_policy(config, model_config)
         self.static = _static_bytes(self.model)
