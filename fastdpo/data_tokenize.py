@@ -22,12 +22,17 @@ from transformers import PreTrainedTokenizerBase
 
 from fastdpo.data_cache import read_cache, write_cache
 from fastdpo.errors import UserError
+from fastdpo.model_identity import TOKENIZER_FILES, files_identity
 
-__all__ = ["MESSAGE_FEATURE", "DataReport", "tokenize_preferences", "tokenize_rows"]
+__all__ = ["MESSAGE_FEATURE", "DataReport", "char_budget", "tokenize_preferences", "tokenize_rows"]
 
 # Bump when the tokenized layout or the truncation rules change, so old cache entries are never reused.
-_CACHE_VERSION = 2  # 2: an entry records the sha256 of its files, checked on load
+# 2: an entry records the sha256 of its files, checked on load; 3: the tokenizer's files' sha256 in the key,
+# long strings cut before tokenizing (rows_cut)
+_CACHE_VERSION = 3
 MESSAGE_FEATURE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+# Tokens of context kept past the last token truncation can keep, when a long string is cut (char_budget).
+_MARGIN_TOKENS = 16
 
 
 @dataclass
@@ -40,6 +45,7 @@ class DataReport:
         rows_dropped: Dropped rows per reason (``rows_read == rows_kept + num_dropped``).
         rows_truncated: Kept rows whose prompt or responses were cut.
         from_cache: Whether the result was read from the tokenization cache.
+        rows_cut: Rows (kept or not) with a string cut to ``char_budget`` characters before tokenizing.
     """
 
     rows_read: int = 0
@@ -47,6 +53,7 @@ class DataReport:
     rows_dropped: dict[str, int] = field(default_factory=dict)
     rows_truncated: int = 0
     from_cache: bool = False
+    rows_cut: int = 0
 
     @property
     def num_dropped(self) -> int:
@@ -58,10 +65,70 @@ class DataReport:
         if self.rows_dropped:
             dropped += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.rows_dropped.items())) + ")"
         cached = " [from cache]" if self.from_cache else ""
+        cut = f", {self.rows_cut} cut before tokenizing" if self.rows_cut else ""
         return (
             f"{self.rows_read} rows read, {self.rows_kept} kept, {dropped}, "
-            f"{self.rows_truncated} truncated{cached}"
+            f"{self.rows_truncated} truncated{cut}{cached}"
         )
+
+
+def char_budget(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
+    """How many characters of one string can hold a token that truncation to ``max_length`` keeps.
+
+    A row keeps at most ``max_length`` tokens of any one string, from its start (responses, a
+    ``keep_start`` prompt) or its end (a ``keep_end`` prompt). No token covers more characters than the
+    longest vocabulary entry decodes to, plus one (a leading-space marker that decoding drops), special
+    tokens included since they match literally in text; call it L. So the kept tokens of a string lie in
+    its first (or last) ``max_length * L`` characters, and a cut to ``(max_length + _MARGIN_TOKENS) * L``
+    keeps them with at least ``_MARGIN_TOKENS`` tokens of context beyond the last kept one: a token is
+    decided by its pre-token (a word, a digit run) and its neighbours within it, never by text that far
+    away. Normalizers can break the bound (NFKC folding many code points into one, an unknown token over
+    a whole word), so ``_cut_row`` checks every cut piece for ``max_length + _MARGIN_TOKENS`` tokens and
+    tokenizes the row whole when one falls short.
+    """
+    ids = [[i] for i in range(len(tokenizer))]
+    longest = max(map(len, tokenizer.batch_decode(ids, clean_up_tokenization_spaces=False)), default=1)
+    return (max_length + _MARGIN_TOKENS) * (longest + 1)
+
+
+def _cut_text(text: str, budget: int, keep_end: bool) -> str:
+    if len(text) <= budget:
+        return text
+    return text[len(text) - budget :] if keep_end else text[:budget]
+
+
+def _cut_value(value: str | list[dict], budget: int, keep_end: bool, pieces: list[str]) -> str | list[dict]:
+    """``value`` (a string or messages) with each text over ``budget`` characters cut; adds the cut texts
+    to ``pieces``."""
+    texts = [value] if isinstance(value, str) else [m["content"] for m in value]
+    cut = [_cut_text(t, budget, keep_end) for t in texts]
+    pieces += [c for c, t in zip(cut, texts, strict=True) if c is not t]
+    if isinstance(value, str):
+        return cut[0]
+    return [{**m, "content": c} for m, c in zip(value, cut, strict=True)]
+
+
+def _cut_row(
+    tokenizer: PreTrainedTokenizerBase,
+    values: list[Any],
+    budget: int | None,
+    max_length: int,
+    keep_end: bool,
+) -> tuple[list[Any], bool]:
+    """A row's ``[prompt, *responses]`` with every text cut to ``budget`` characters (the prompt at its
+    start under ``keep_end``), and whether anything was cut; the row unchanged if a cut piece holds fewer
+    than ``max_length + _MARGIN_TOKENS`` tokens, where ``char_budget``'s bound does not hold."""
+    if budget is None:
+        return values, False
+    pieces: list[str] = []
+    cut = [_cut_value(values[0], budget, keep_end, pieces)]
+    cut += [_cut_value(v, budget, False, pieces) for v in values[1:]]
+    if not pieces:
+        return values, False
+    counts = map(len, tokenizer(pieces, add_special_tokens=False)["input_ids"])
+    if min(counts) < max_length + _MARGIN_TOKENS:
+        return values, False
+    return cut, True
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -111,17 +178,24 @@ def _tokenize_batch(
     max_length: int,
     max_prompt_length: int | None,
     truncation_mode: str,
+    cut_chars: int | None,
 ) -> dict[str, list]:
+    # Strings cut to cut_chars first (char_budget), so that one huge row cannot take memory in proportion.
+    keep_end = truncation_mode == "keep_end"
+    rows = [
+        _cut_row(tokenizer, list(values), cut_chars, max_length, keep_end)
+        for values in zip(batch["prompt"], *(batch[k] for k in responses), strict=True)
+    ]
+    columns = list(zip(*(values for values, _ in rows), strict=True))
     if conversational:
         rendered = [
             _render(tokenizer, i, prompt, list(rs), names=responses)
-            for i, prompt, *rs in zip(indices, batch["prompt"], *(batch[k] for k in responses), strict=True)
+            for i, prompt, *rs in zip(indices, *columns, strict=True)
         ]
         texts = [list(column) for column in zip(*rendered, strict=True)]
     else:
-        texts = [batch["prompt"]] + [
-            [p + r for p, r in zip(batch["prompt"], batch[k], strict=True)] for k in responses
-        ]
+        prompts = columns[0]
+        texts = [list(prompts)] + [[p + r for p, r in zip(prompts, rs, strict=True)] for rs in columns[1:]]
     # Chat templates carry their own BOS; plain text gets the tokenizer's special tokens as at inference.
     ids = [tokenizer(t, add_special_tokens=not conversational)["input_ids"] for t in texts]
     # Columns other than the ids and the status (an unpaired row's label) pass through unchanged.
@@ -147,6 +221,7 @@ def _tokenize_batch(
         for name, value in zip(("prompt", *responses), (prompt, *rs), strict=True):
             out[f"{name}_ids"].append(value)
         out["status"].append(status)
+    out["cut"] = [cut for _, cut in rows]
     return out
 
 
@@ -154,7 +229,9 @@ def _with_eos(ids: list[int], eos: int) -> list[int]:
     return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
-def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+def _tokenizer_fingerprint(
+    tokenizer: PreTrainedTokenizerBase, cache_dir: str | os.PathLike | None
+) -> dict[str, Any]:
     def digest(value: Any) -> str:
         return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -167,7 +244,31 @@ def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]
         "special_tokens": digest([special, tokenizer.special_tokens_map]),
         # Two local tokenizers can share the fields above; the full vocabulary and rules tell them apart.
         "model": digest(backend.to_str() if backend is not None else tokenizer.get_vocab()),
+        # And the files it was loaded from (a hub id: the commit of its cached snapshot), whatever in them
+        # the fields above leave out.
+        "files": files_identity(tokenizer.name_or_path, TOKENIZER_FILES, cache_dir)
+        if tokenizer.name_or_path
+        else None,
     }
+
+
+def _cache_key(
+    dataset: datasets.Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    kind: str | None,
+    options: dict[str, Any],
+    cache_dir: str | os.PathLike | None,
+) -> str:
+    """The tokenization cache key of ``dataset``'s rows under ``tokenizer`` and ``options``."""
+    key = {
+        "version": _CACHE_VERSION,
+        **({"kind": kind} if kind else {}),
+        # datasets has no public accessor; the fingerprint derives from content or the saved files.
+        "data": dataset._fingerprint,
+        "tokenizer": _tokenizer_fingerprint(tokenizer, cache_dir),
+        **options,
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def tokenize_preferences(
@@ -275,19 +376,7 @@ def tokenize_rows(
         "max_prompt_length": max_prompt_length,
         "truncation_mode": truncation_mode,
     }
-    key = hashlib.sha256(
-        json.dumps(
-            {
-                "version": _CACHE_VERSION,
-                **({"kind": kind} if kind else {}),
-                # datasets has no public accessor; the fingerprint derives from content or the saved files.
-                "data": dataset._fingerprint,
-                "tokenizer": _tokenizer_fingerprint(tokenizer),
-                **options,
-            },
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
+    key = _cache_key(dataset, tokenizer, kind, options, cache_dir)
     name = f"tokenized-{kind}-{key}" if kind else f"tokenized-{key}"
     entry = Path(cache_dir, name) if cache_dir is not None else None
     cached = read_cache(entry, report_cls) if entry is not None else None
@@ -299,6 +388,7 @@ def tokenize_rows(
             **{f"{name}_ids": datasets.List(datasets.Value("int32")) for name in ("prompt", *responses)},
             **extra,
             "status": datasets.Value("string"),
+            "cut": datasets.Value("bool"),
         }
     )
     # map() on an empty dataset would drop the declared features.
@@ -315,6 +405,7 @@ def tokenize_rows(
                 "conversational": conversational,
                 "responses": responses,
                 "features": token_features,
+                "cut_chars": char_budget(tokenizer, max_length),
                 **options,
             },
             num_proc=num_proc,
@@ -323,6 +414,7 @@ def tokenize_rows(
             new_fingerprint=key,
             desc=desc,
         )
+    rows_cut = sum(tokenized["cut"])
     statuses = Counter(tokenized["status"])
     truncated = statuses.pop("truncated", 0)
     kept = truncated + statuses.pop("", 0)
@@ -330,9 +422,9 @@ def tokenize_rows(
         tokenized = tokenized.filter(
             lambda status: status in ("", "truncated"), input_columns="status", keep_in_memory=True
         )
-    tokenized = tokenized.remove_columns("status")
+    tokenized = tokenized.remove_columns(["status", "cut"])
     extra_counts = counts(tokenized) if counts else {}
-    report = report_cls(len(dataset), kept, dict(statuses), truncated, False, **extra_counts)
+    report = report_cls(len(dataset), kept, dict(statuses), truncated, False, rows_cut, **extra_counts)
     if entry is not None:
         write_cache(entry, tokenized, report)
     return tokenized, report
