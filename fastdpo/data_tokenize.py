@@ -80,8 +80,9 @@ def char_budget(tokenizer: PreTrainedTokenizerBase, max_length: int) -> int:
     longest vocabulary entry decodes to, plus one (a leading-space marker that decoding drops), special
     tokens included since they match literally in text; call it L. So the kept tokens of a string lie in
     its first (or last) ``max_length * L`` characters, and a cut to ``(max_length + _MARGIN_TOKENS) * L``
-    keeps them with at least ``_MARGIN_TOKENS`` tokens of context beyond the last kept one: a token is
-    decided by its pre-token (a word, a digit run) and its neighbours within it, never by text that far
+    keeps them with at least ``_MARGIN_TOKENS`` tokens of context beyond the last kept one. That context is
+    enough for the tokenizers LLMs use (byte-level BPE, SentencePiece, WordPiece): they decide a token from
+    its pre-token (a word, a digit run) and its neighbours within it, not from text that many tokens
     away. Normalizers can break the bound (NFKC folding many code points into one, an unknown token over
     a whole word), so ``_cut_row`` checks every cut piece for ``max_length + _MARGIN_TOKENS`` tokens and
     tokenizes the row whole when one falls short.
@@ -102,7 +103,7 @@ def _cut_value(value: str | list[dict], budget: int, keep_end: bool, pieces: lis
     to ``pieces``."""
     texts = [value] if isinstance(value, str) else [m["content"] for m in value]
     cut = [_cut_text(t, budget, keep_end) for t in texts]
-    pieces += [c for c, t in zip(cut, texts, strict=True) if c is not t]
+    pieces += [c for c, t in zip(cut, texts, strict=True) if len(c) < len(t)]
     if isinstance(value, str):
         return cut[0]
     return [{**m, "content": c} for m, c in zip(value, cut, strict=True)]

@@ -137,18 +137,13 @@ class Trainer:
         load = load_unpaired_splits if unpaired else load_splits
         self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
         injected = model is not None
-        # The content of the weights, recorded with each checkpoint: a resume on weights replaced in place
-        # is refused like one on another model. An injected model has nothing on disk to identify it.
-        self.model_identity = None if injected else model_identity(cfg.model, self.cache_dir)
-        # A resume that would be refused is refused now, before the model loads and any reference pass.
-        self._resume_from = self._check_resume() if cfg.resume else None
+        self._identify_model(injected)
         if injected:
             self.model = prepare_model(cfg, model, self.device)
         else:
             self.model = load_model(cfg, cfg.model, self.device)
         if self.model_identity == {"revision": None}:  # a hub id downloaded just now: its commit is known
-            self.model_identity = model_identity(cfg.model, self.cache_dir)
-            self._resume_from = self._check_resume() if cfg.resume else None
+            self._identify_model(injected)
         warn_max_length(cfg, self.model)
 
         needs_ref = unpaired or LOSS_TYPES[cfg.loss_type].needs_reference
@@ -188,6 +183,18 @@ class Trainer:
         self.metrics_log: MetricsLog | None = None  # opened by train(), which truncates it to self.step
         resumed = self._resume_latest() if self._resume_from else None
         self.health = RunHealth(cfg.max_bad_steps, cfg.lr, resumed)
+
+    def _identify_model(self, injected: bool) -> None:
+        """Records what identifies the policy's weights and checks a resume against it (``_resume_from``).
+
+        The identity (``fastdpo.model_identity``) goes into each checkpoint, so that a resume on weights
+        replaced in place is refused like one on another model; an injected model has nothing on disk to
+        identify it. A resume that would be refused is refused here, before the model loads and before any
+        reference pass.
+        """
+        cfg = self.config
+        self.model_identity = None if injected else model_identity(cfg.model, self.cache_dir)
+        self._resume_from = self._check_resume() if cfg.resume else None
 
     def _check_resume(self) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
         """The checkpoint to resume from and the options it changes, checked from its recorded state only."""
