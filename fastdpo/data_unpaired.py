@@ -19,8 +19,9 @@ from typing import Any
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from fastdpo.data import DataReport, is_blank, rows_dataset, text_or_messages, tokenize_rows
+from fastdpo.data import is_blank, rows_dataset, text_or_messages
 from fastdpo.data_sources import InvalidRow, collect_rows, describe
+from fastdpo.data_tokenize import DataReport, tokenize_rows
 
 __all__ = ["UnpairedReport", "balance_warning", "kl_completions", "load_unpaired_data", "tokenize_unpaired"]
 

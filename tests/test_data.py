@@ -11,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import fastdpo.data as data_module
+import fastdpo.data_tokenize as data_module
 from fastdpo.data import DataReport, load_preference_data, tokenize_preferences
 from fastdpo.errors import UserError
 

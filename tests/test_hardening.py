@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 import re
 import shutil
 import socket
@@ -108,11 +109,57 @@ def _drive(case: str, options: dict) -> dict:
     elif case == "norms":
         norms = options.pop("norms")
         result["codes"] = [_wait(_child(log, _patched_norm_cli, _write_config(options, "norms"), norms))]
+    elif case == "swap":
+        _drive_swap(options, result)
+    elif case == "big row":
+        # The same one-step run without and with a 10 MB row: the peak RSS of each training process.
+        result["codes"], result["maxrss_kb"] = [], []
+        for name, data in (("base", options["data"]), ("big", options.pop("big_data"))):
+            pid = _child(log, _cli, _write_config({**options, "data": data}, name))
+            _, status, usage = os.wait4(pid, 0)
+            result["codes"].append(os.waitstatus_to_exitcode(status))
+            result["maxrss_kb"].append(usage.ru_maxrss)
     else:
         raise ValueError(f"unknown case {case!r}")
     if out.is_dir():
         result["files"] = sorted(p.name for p in out.iterdir())
+    if (out / "latest").is_file():
+        result["latest"] = (out / "latest").read_text().strip()
     return result
+
+
+def _drive_swap(options: dict, result: dict) -> None:
+    """A run with checkpoints; its data changed and the run resumed; its model's weights replaced in place
+    by another model's (same architecture and size, the mtime put back as ``cp -p`` would) and the same
+    command rerun; then a new run on the same cache. Each refused resume must leave no new cache file."""
+    from fastdpo.demo import build_model, build_tokenizer
+
+    out, cache = Path(options["output_dir"]), Path(options["cache_dir"])
+    logs = {name: out.parent / f"{out.name}-{name}.log" for name in ("first", "data", "swapped", "fresh")}
+    result["logs"] = {name: str(path) for name, path in logs.items()}
+    result["codes"], result["ref_files"] = [], []
+
+    def run(name: str, **overrides) -> None:
+        config = _write_config({**options, **overrides}, name)
+        result["codes"].append(_wait(_child(logs[name], _cli, config)))
+        result["ref_files"].append(sorted(p.name for p in cache.glob("ref-logps-*")))
+
+    run("first")
+    fewer = out.parent / "fewer.jsonl"
+    fewer.write_text("".join(Path(options["data"]).read_text().splitlines(keepends=True)[:90]))
+    run("data", data=str(fewer))
+    weights = Path(options["model"]) / "model.safetensors"
+    before = weights.stat()
+    other = out.parent / "other-model"
+    build_model(build_tokenizer(), hidden_size=32, num_layers=2, seed=4321).save_pretrained(other)
+    shutil.copyfile(other / "model.safetensors", weights)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    result["same_size_and_mtime"] = (weights.stat().st_size, weights.stat().st_mtime_ns) == (
+        before.st_size,
+        before.st_mtime_ns,
+    )
+    run("swapped")
+    run("fresh", output_dir=str(out.parent / f"{out.name}-fresh"))
 
 
 # ---------------------------------------------------------------------- the tests (run by pytest)
@@ -220,7 +267,8 @@ def test_a_bad_streak_keeps_the_last_good_checkpoint_whatever_keep_last(runs):
     line = _error_line(result["log_text"])
     assert "2 applied, 2 skipped" in line and str(result["out"] / "checkpoint-00000002") in line
     checkpoints = [n for n in result["files"] if n.startswith("checkpoint-")]
-    assert checkpoints == ["checkpoint-00000002", "checkpoint-00000004"]  # keep_last=1 kept step 2
+    # No checkpoint is written during a bad streak, so the good one stays the resume point.
+    assert checkpoints == ["checkpoint-00000002"] and result["latest"] == "checkpoint-00000002"
     assert "final" not in result["files"]
 
 
@@ -362,6 +410,179 @@ def test_a_reused_cache_entry_is_checked_against_its_key_and_sha256(runs):
     assert len(warnings) == 2, warnings
     assert f"tokenization cache {tokenized}: its files do not match their recorded sha256" in warnings[0]
     assert f"reference log-prob cache {ref}: its contents do not match their recorded sha256" in warnings[1]
+
+
+@pytest.fixture(scope="module")
+def identity_runs(assets, tmp_path_factory):  # noqa: F811
+    root = tmp_path_factory.mktemp("identity")
+    model = root / "model"  # a copy, since its weights get replaced
+    shutil.copytree(assets / "model", model)
+    big = root / "big.jsonl"
+    row = {
+        "prompt": [{"role": "user", "content": "1+1="}],
+        "chosen": [{"role": "assistant", "content": "2" * 10_000_000}],
+        "rejected": [{"role": "assistant", "content": "3"}],
+    }
+    big.write_bytes((assets / "pairs.jsonl").read_bytes() + (json.dumps(row) + "\n").encode())
+    cases = {
+        "swap": ("swap", _options(assets, root / "swap", model=str(model), max_steps=2, save_every=1)),
+        "big row": (
+            "big row",
+            _options(assets, root / "big", big_data=str(big), max_steps=1, save_every=0, save_model=False),
+        ),
+    }
+    return _run_driver(cases, __file__)
+
+
+def _log(result: dict, name: str) -> str:
+    return Path(result["logs"][name]).read_text()
+
+
+def test_a_resume_with_changed_data_is_refused_before_the_model_loads(identity_runs):
+    result = _case(identity_runs, "swap")
+    assert result["codes"][:2] == [0, 2], _log(result, "data")[-3000:]
+    assert "Loading weights" in _log(result, "first")
+    log = _log(result, "data")
+    assert "data (tokenized training pairs)" in _error_line(log) and "Loading weights" not in log
+    assert result["ref_files"][1] == result["ref_files"][0], "a refused resume leaves no new cache file"
+
+
+def test_weights_replaced_in_place_are_a_changed_model(identity_runs):
+    result = _case(identity_runs, "swap")
+    assert result["same_size_and_mtime"]
+    assert result["codes"][2] == 2, _log(result, "swapped")[-3000:]
+    log = _log(result, "swapped")
+    line = _error_line(log)
+    assert (
+        "model content ('model.safetensors sha256" in line and "allow_config_change" not in line.split(";")[0]
+    )
+    assert "Loading weights" not in log and result["ref_files"][2] == result["ref_files"][0]
+    # A new run on the same cache does not reuse the reference log-probs of the old weights.
+    assert result["codes"][3] == 0, _log(result, "fresh")[-3000:]
+    assert "computed, cached at" in _log(result, "fresh")
+    assert len(result["ref_files"][3]) == len(result["ref_files"][0]) + 1
+
+
+def test_a_resume_with_replaced_weights_is_refused_even_with_allow_config_change(assets, tmp_path):  # noqa: F811
+    from fastdpo.errors import UserError
+    from fastdpo.model_identity import model_identity
+    from fastdpo.train.checkpoints import check_resume
+    from fastdpo.train.config import TrainConfig
+
+    config = TrainConfig(model=str(assets / "model"), data="d.jsonl", allow_config_change=True)
+    identity = model_identity(config.model, tmp_path)
+    other = {**identity, "files": {**identity["files"], "model.safetensors": {"size": 1, "sha256": "0" * 64}}}
+    extra = {"config": config.to_dict(), "plan": {}, "model_identity": other}
+    with pytest.raises(UserError, match=r"model content \('model.safetensors sha256"):
+        check_resume(tmp_path / "checkpoint-00000001", extra, config, {}, identity)
+
+
+def test_model_identity_hashes_once_per_file_version_and_names_the_hub_revision(
+    assets,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    from fastdpo import model_identity as mi
+
+    folder = tmp_path / "model"
+    shutil.copytree(assets / "model", folder)
+    hashed = []
+    digest = mi._sha256
+    monkeypatch.setattr(mi, "_sha256", lambda path: hashed.append(path.name) or digest(path))
+    first = mi.model_identity(str(folder), tmp_path / "cache")
+    assert mi.model_identity(str(folder), tmp_path / "cache") == first
+    assert hashed.count("model.safetensors") == 1, "a rerun reads the cached hash"
+    weights = folder / "model.safetensors"
+    stat, data = weights.stat(), bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert mi.model_identity(str(folder), tmp_path / "cache") != first
+    # A hub id: the commit of its snapshot in the local cache.
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--tiny" / "snapshots" / ("ab" * 20)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (hub / "models--org--tiny" / "refs").mkdir()
+    (hub / "models--org--tiny" / "refs" / "main").write_text("ab" * 20)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(hub))
+    assert mi.model_identity("org/tiny", None) == {"revision": "ab" * 20}
+
+
+def test_a_10_mb_row_is_cut_before_tokenizing_with_bounded_memory(identity_runs):
+    result = _case(identity_runs, "big row")
+    assert result["codes"] == [0, 0], result["log_text"][-3000:]
+    base, big = result["maxrss_kb"]
+    assert big - base < 200 * 1024, f"peak RSS grew by {(big - base) / 1024:.0f} MiB for one 10 MB row"
+    assert "1 cut before tokenizing" in result["log_text"]
+
+
+def test_cut_rows_keep_exactly_the_tokens_of_full_tokenization(assets, monkeypatch):  # noqa: F811
+    import datasets
+    from transformers import AutoTokenizer
+
+    from fastdpo import data_tokenize
+    from fastdpo.data import load_preference_data
+    from fastdpo.data_tokenize import tokenize_preferences
+
+    tokenizer = AutoTokenizer.from_pretrained(assets / "model")
+    long, short = "1+2=3 " * 400, "4+5=9"
+    text_rows = [
+        {"prompt": p, "chosen": c, "rejected": r}
+        for p, c, r in [(long, "7", "8"), ("1=", long, short), ("2=", short, long + "1"), ("3=", "5", "6")]
+    ]
+    chat_rows = [
+        {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "chosen": [{"role": "assistant", "content": row["chosen"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]}],
+        }
+        for row in text_rows
+    ]
+    for rows in (text_rows, chat_rows):
+        data = load_preference_data(rows)[0]
+        for mode, max_prompt_length in (("keep_end", 8), ("keep_start", 8), ("keep_end", None)):
+            options = dict(max_length=24, max_prompt_length=max_prompt_length, truncation_mode=mode)
+            cut, report = tokenize_preferences(data, tokenizer, **options)
+            with monkeypatch.context() as m:
+                m.setattr(data_tokenize, "char_budget", lambda *args, **kwargs: None)
+                full, full_report = tokenize_preferences(data, tokenizer, **options)
+            assert cut.to_list() == full.to_list(), (mode, max_prompt_length)
+            assert report.rows_cut == 3 and full_report.rows_cut == 0
+            assert isinstance(cut, datasets.Dataset) and report.rows_kept == full_report.rows_kept
+
+
+def test_trainer_train_takes_the_output_dir_lock(assets, tmp_path):  # noqa: F811
+    import subprocess
+
+    from fastdpo.errors import UserError
+    from fastdpo.train import TrainConfig, Trainer
+
+    config = TrainConfig(
+        **{**_options(assets, tmp_path / "out", max_steps=1, save_every=0), "save_model": False}
+    )
+    trainer = Trainer(config)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    holder = (
+        "import fcntl, json, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, json.dumps({'pid': os.getpid()}).encode()); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / "out" / ".fastdpo.lock")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"in use by another fastdpo run \(.*PID {proc.pid}"):
+            trainer.train()
+    finally:
+        proc.kill()
+        proc.wait()
+    assert trainer.step == 0
+    assert trainer.train()["steps"] == {"applied": 1.0, "skipped": 0.0}, "free again once the holder is gone"
 
 
 if __name__ == "__main__":

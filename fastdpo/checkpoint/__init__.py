@@ -7,7 +7,7 @@ policy (``resume_point``).
 
 from fastdpo.checkpoint.io import CheckpointError
 from fastdpo.checkpoint.local import latest_checkpoint, load_checkpoint, save_checkpoint, save_final
-from fastdpo.checkpoint.resume import resume_point
+from fastdpo.checkpoint.resume import read_extra, resume_point
 from fastdpo.checkpoint.sharded import consolidate, latest_sharded, load_sharded, save_sharded
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "latest_sharded",
     "load_checkpoint",
     "load_sharded",
+    "read_extra",
     "resume_point",
     "save_checkpoint",
     "save_final",

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from fastdpo.checkpoint.io import CheckpointError
+from fastdpo.checkpoint import local, sharded
+from fastdpo.checkpoint.io import CheckpointError, read_meta
 from fastdpo.checkpoint.local import latest_checkpoint
 from fastdpo.checkpoint.sharded import latest_sharded
+from fastdpo.checkpoint.state import read_component
 
-__all__ = ["resume_point"]
+__all__ = ["read_extra", "resume_point"]
 
 _FINDERS = {"local": latest_checkpoint, "sharded": latest_sharded}
 
@@ -50,6 +52,20 @@ def resume_point(
         return None
     _, path, name = max(found, key=lambda item: item[0])
     return path, name
+
+
+def read_extra(path: str | os.PathLike, kind: Literal["local", "sharded"]) -> dict[str, Any]:
+    """The ``extra`` state of checkpoint ``path`` of ``kind`` (as ``resume_point`` found it), read without
+    loading its weights or optimizer state, so that a run can judge a resume before it loads a model.
+
+    Raises:
+        CheckpointError: Its metadata or extra state does not read.
+    """
+    path = Path(path)
+    if kind == "sharded":
+        return dict(read_meta(path, sharded.LAYOUT)["extra"])
+    meta = read_meta(path, local.LAYOUT)
+    return read_component(path, "extra", meta["files"], "cpu") or {}
 
 
 def _step(path: Path) -> int:

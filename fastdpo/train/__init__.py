@@ -12,7 +12,8 @@ Rooms, in the order a run meets them:
 - ``checkpoints``: save, resume and the final export (local checkpoints, or sharded ones under fsdp2).
 - ``metrics``: ``metrics.jsonl`` and TensorBoard.
 - ``health``: applied and skipped steps, bad streaks (non-finite or zero gradient norms), an honest end.
-- ``runlock``: the exclusive lock on ``output_dir`` that ``train`` holds for the life of a run.
+- ``runlock``: the exclusive lock on ``output_dir`` that ``train`` and ``Trainer.train`` hold for the life
+  of a run.
 - ``loop``: ``Trainer``, the loop from step planning to the optimizer step, and ``train``.
 
 Limited VRAM: ``gradient_checkpointing`` keeps only each decoder layer's input and recomputes the rest

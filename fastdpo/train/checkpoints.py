@@ -22,6 +22,7 @@ from fastdpo.checkpoint import (
     latest_sharded,
     load_checkpoint,
     load_sharded,
+    read_extra,
     resume_point,
     save_checkpoint,
     save_final,
@@ -32,7 +33,7 @@ from fastdpo.errors import UserError
 from fastdpo.train.config import TrainConfig, resume_changes
 from fastdpo.train.forward import PackedForward
 
-__all__ = ["RunCheckpoints", "check_resume"]
+__all__ = ["RunCheckpoints", "check_resume", "find_resume"]
 
 logger = logging.getLogger("fastdpo")
 _MAX_NAMED = 5
@@ -51,10 +52,8 @@ class RunCheckpoints:
         self.fwd, self.out_dir, self.optimizer, self.scheduler = fwd, out_dir, optimizer, scheduler
         self.sharded = fwd.config.strategy == "fsdp2"
 
-    def save(
-        self, step: int, data_state: dict[str, Any], extra: dict[str, Any], protect: Path | None = None
-    ) -> Path:
-        """Writes an atomic checkpoint of ``step``; every rank calls it. ``protect`` is never pruned.
+    def save(self, step: int, data_state: dict[str, Any], extra: dict[str, Any]) -> Path:
+        """Writes an atomic checkpoint of ``step``; every rank calls it.
 
         Raises:
             UserError: The weights are not finite, or the write failed (e.g. the disk is full); the
@@ -66,9 +65,7 @@ class RunCheckpoints:
             if self.sharded:
                 extra = {**extra, "data_state": data_state, "scheduler": self.scheduler.state_dict()}
                 model = self.fwd.model
-                return save_sharded(
-                    self.out_dir, step, model, self.optimizer, extra, keep_last=keep_last, protect=protect
-                )
+                return save_sharded(self.out_dir, step, model, self.optimizer, extra, keep_last=keep_last)
             path, ok = None, False
             try:
                 if self.fwd.dist.is_main:
@@ -81,7 +78,6 @@ class RunCheckpoints:
                         data_state=data_state,
                         extra=extra,
                         keep_last=keep_last,
-                        protect=protect,
                     )
                 ok = True
             finally:
@@ -90,30 +86,23 @@ class RunCheckpoints:
         except OSError as err:
             raise UserError(f"step {step}: {err}; free space and rerun the same command to resume") from err
 
-    def restore_latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """Loads the newest valid checkpoint into the model, optimizer, scheduler and RNGs (every rank).
-
-        Checkpoints that fail verification are skipped with a warning (``fastdpo.checkpoint.resume_point``).
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Loads checkpoint ``path`` (``find_resume``'s) into the model, optimizer, scheduler and RNGs (every
+        rank).
 
         Returns:
-            ``(path, {"step", "data_state", "extra"})``, or None when ``out_dir`` holds no checkpoint.
+            ``{"step", "data_state", "extra"}``.
 
         Raises:
-            UserError: ``out_dir`` holds checkpoints but none is valid, or the newest does not fit the model.
+            UserError: The checkpoint does not fit the model, or no longer verifies.
         """
         try:
-            found = resume_point(self.out_dir, "sharded" if self.sharded else "local")
-            if found is None:
-                return None
-            path = found[0]
             if self.sharded:
                 step, extra = load_sharded(path, self.fwd.model, self.optimizer)
                 self.scheduler.load_state_dict(extra["scheduler"])
-                return path, {"step": step, "data_state": extra["data_state"], "extra": extra}
+                return {"step": step, "data_state": extra["data_state"], "extra": extra}
             model = unwrap_model(self.fwd.model)
-            return path, load_checkpoint(
-                path, model=model, optimizer=self.optimizer, scheduler=self.scheduler
-            )
+            return load_checkpoint(path, model=model, optimizer=self.optimizer, scheduler=self.scheduler)
         except CheckpointError as err:
             raise UserError(
                 f"cannot resume from {self.out_dir}: {err}; to start over, use resume=false (--no-resume) or "
@@ -180,26 +169,55 @@ class RunCheckpoints:
             )
 
 
+def find_resume(out_dir: Path, sharded: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest valid checkpoint in ``out_dir`` (sharded ones under fsdp2) and its ``extra`` state, read
+    without loading any weights (every rank calls it); None when ``out_dir`` holds no checkpoint.
+
+    Checkpoints that fail verification are skipped with a warning (``fastdpo.checkpoint.resume_point``).
+
+    Raises:
+        UserError: ``out_dir`` holds checkpoints but none is valid.
+    """
+    try:
+        found = resume_point(out_dir, "sharded" if sharded else "local")
+        return None if found is None else (found[0], read_extra(*found))
+    except CheckpointError as err:
+        raise UserError(
+            f"cannot resume from {out_dir}: {err}; to start over, use resume=false (--no-resume) or a new "
+            "output_dir"
+        ) from err
+
+
 def check_resume(
-    path: Path, extra: Mapping[str, Any], config: TrainConfig, plan: Mapping[str, Any]
+    path: Path,
+    extra: Mapping[str, Any],
+    config: TrainConfig,
+    plan: Mapping[str, Any],
+    model_identity: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[Any, Any]]:
     """The options ``config`` changes against checkpoint ``path``'s run, if it may resume under them.
 
     Args:
         path: The checkpoint, for the messages.
-        extra: Its ``extra`` state: ``config`` (the run's options) and ``plan`` (plan options and the
-            training data's token digest); older checkpoints record only ``plan``.
+        extra: Its ``extra`` state: ``config`` (the run's options), ``plan`` (plan options and the
+            training data's token digest) and ``model_identity`` (``fastdpo.model_identity``); older
+            checkpoints lack the latter ones.
         config: The options of this run.
         plan: This run's ``plan``.
+        model_identity: What identifies this run's model files, or None where nothing does (an injected
+            model, a hub id not in the local cache yet): then the model's content is not compared.
 
     Returns:
         Option name -> ``(saved, new)`` for each change ``allow_config_change`` applies.
 
     Raises:
-        UserError: An identity option or the training data differs, or another option differs without
-            ``allow_config_change``; the message lists every difference.
+        UserError: An identity option, the model's content or the training data differs, or another option
+            differs without ``allow_config_change``; the message lists every difference.
     """
     identity, changed = resume_changes(extra.get("config", {}), config)
+    content = _content_change(extra.get("model_identity"), model_identity)
+    if content:
+        identity["model content"] = content
     saved_plan = extra.get("plan", {})
     for key, value in plan.items():
         if saved_plan.get(key) != value and key not in identity:
@@ -218,6 +236,24 @@ def check_resume(
     if changed:
         logger.warning("resuming %s with changed options: %s", path, _listing(changed))
     return changed
+
+
+def _content_change(saved: Any, now: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """``(saved, new)`` summaries of the model files whose content differs, or None when it is the same
+    or cannot be compared (no record on either side)."""
+    if not isinstance(saved, Mapping) or now is None or now.get("revision", "") is None or saved == now:
+        return None
+    if "revision" in now or "revision" in saved:
+        return str(saved.get("revision")), str(now.get("revision"))
+    before, after = saved.get("files", {}), now.get("files", {})
+    names = sorted(n for n in {*before, *after} if before.get(n) != after.get(n))
+
+    def summary(files: Mapping[str, Any]) -> str:
+        return ", ".join(
+            f"{n} sha256 {str(files[n].get('sha256'))[:12]}" if n in files else f"no {n}" for n in names
+        )
+
+    return summary(before), summary(after)
 
 
 def _identity_error(where: str, identity: Mapping[str, tuple[Any, Any]]) -> UserError:

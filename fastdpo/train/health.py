@@ -4,8 +4,8 @@ A step is *skipped* when its loss or gradient norm is not finite: its update is 
 gradient norm is exactly 0 is applied, but moves nothing a gradient should (AdamW's momentum and weight
 decay aside). Either is *bad*; ``max_bad_steps`` bad steps in a row stop the run. A run whose last step
 was skipped, or that ran steps without applying any, ends with an error instead of exporting. The last
-checkpoint written before a bad streak is the one to resume from, so it is kept whatever ``keep_last``
-says (``protected``).
+checkpoint written before a bad streak is the one to resume from: the loop writes none during a streak
+(``in_streak``), so neither ``latest`` nor ``keep_last``'s pruning can move past it.
 """
 
 from __future__ import annotations
@@ -44,14 +44,23 @@ class RunHealth:
         self.good_checkpoint = last_checkpoint
 
     @property
-    def protected(self) -> Path | None:
-        """The checkpoint pruning must keep: the last good one while a bad streak runs."""
-        return self.good_checkpoint if self.streak else None
+    def in_streak(self) -> bool:
+        """Whether the last step was bad: its weights are not ones to resume from."""
+        return bool(self.streak)
 
     def saved(self, path: Path) -> None:
         """Notes a checkpoint; one written during a bad streak is not a good one."""
         if not self.streak:
             self.good_checkpoint = path
+
+    def skip_save(self, step: int) -> None:
+        """Notes a checkpoint not written because a bad streak runs."""
+        logger.warning(
+            "step %d: no checkpoint during a bad streak (%d bad in a row); the resume point stays %s",
+            step,
+            len(self.streak),
+            self.good_checkpoint or "none (a rerun starts over)",
+        )
 
     def step(self, step: int, metrics: dict[str, float], log: MetricsLog) -> bool:
         """Records step ``step``; returns whether it was applied.
@@ -123,6 +132,6 @@ class RunHealth:
         if self.good_checkpoint is None:
             return "start over (no checkpoint was written before the first bad step)"
         return (
-            f"resume from {self.good_checkpoint}, the last checkpoint written before the first bad step "
-            "(allow_config_change), or start over"
+            f"rerun to resume from {self.good_checkpoint}, the last checkpoint written before the first bad "
+            "step (with allow_config_change for a new lr), or start over"
         )

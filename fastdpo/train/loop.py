@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from fastdpo.distributed import wrap_model
 from fastdpo.losses import LOSS_TYPES
 from fastdpo.losses.kto import KTO_LOSS_TYPES
+from fastdpo.model_identity import model_identity
 from fastdpo.train.build import (
     add_lora,
     build_dpo_loss,
@@ -46,7 +47,7 @@ from fastdpo.train.build import (
     seed_everything,
     warn_max_length,
 )
-from fastdpo.train.checkpoints import RunCheckpoints, check_resume
+from fastdpo.train.checkpoints import RunCheckpoints, check_resume, find_resume
 from fastdpo.train.config import AUTO_TOKENS, DTYPES, TrainConfig
 from fastdpo.train.forward import PackedForward
 from fastdpo.train.health import RunHealth, applied
@@ -136,10 +137,13 @@ class Trainer:
         load = load_unpaired_splits if unpaired else load_splits
         self.train_split, self.eval_split = load(cfg, tokenizer, self.cache_dir)
         injected = model is not None
+        self._identify_model(injected)
         if injected:
             self.model = prepare_model(cfg, model, self.device)
         else:
             self.model = load_model(cfg, cfg.model, self.device)
+        if self.model_identity == {"revision": None}:  # a hub id downloaded just now: its commit is known
+            self._identify_model(injected)
         warn_max_length(cfg, self.model)
 
         needs_ref = unpaired or LOSS_TYPES[cfg.loss_type].needs_reference
@@ -177,12 +181,34 @@ class Trainer:
         self.step = self.epoch = self.step_in_epoch = self.num_tokens = 0
         self.stopped_by: int | None = None
         self.metrics_log: MetricsLog | None = None  # opened by train(), which truncates it to self.step
-        resumed = self._resume_latest() if cfg.resume else None
+        resumed = self._resume_latest() if self._resume_from else None
         self.health = RunHealth(cfg.max_bad_steps, cfg.lr, resumed)
+
+    def _identify_model(self, injected: bool) -> None:
+        """Records what identifies the policy's weights and checks a resume against it (``_resume_from``).
+
+        The identity (``fastdpo.model_identity``) goes into each checkpoint, so that a resume on weights
+        replaced in place is refused like one on another model; an injected model has nothing on disk to
+        identify it. A resume that would be refused is refused here, before the model loads and before any
+        reference pass.
+        """
+        cfg = self.config
+        self.model_identity = None if injected else model_identity(cfg.model, self.cache_dir)
+        self._resume_from = self._check_resume() if cfg.resume else None
+
+    def _check_resume(self) -> tuple[Path, dict[str, tuple[Any, Any]]] | None:
+        """The checkpoint to resume from and the options it changes, checked from its recorded state only."""
+        found = find_resume(self.out_dir, self.config.strategy == "fsdp2")
+        if found is None:
+            return None
+        path, extra = found
+        changed = check_resume(path, extra, self.config, self._plan_identity(), self.model_identity)
+        return path, changed
 
     def _precompute_references(self, *, cacheable: bool) -> None:
         """Reference log-probs of every split: ``ref_model``'s if set, else the policy's before any update."""
         cfg, source, budget = self.config, [], self.config.tokens_per_step
+        identity = model_identity(cfg.ref_model, self.cache_dir) if cfg.ref_model else self.model_identity
 
         def reference_model() -> nn.Module:  # loaded on the first cache miss only
             if not source:
@@ -199,6 +225,7 @@ class Trainer:
                 bins,
                 cache_dir=self.cache_dir,
                 cacheable=cacheable,
+                model_identity=identity,
                 source=reference_model,
             )
 
@@ -211,6 +238,9 @@ class Trainer:
 
     def train(self, *, stop_after: int | None = None) -> dict[str, dict[str, float]]:
         """Runs the remaining optimizer steps, evaluating, logging and checkpointing on the way.
+
+        It holds ``output_dir``'s lock (``RunLock``, rank 0 for the whole job) while it runs, so that a
+        second run on the folder fails at once instead of interleaving checkpoints and metrics.
 
         A step whose loss or gradient norm is not finite is not applied (logged as ``split: skipped``);
         after ``max_bad_steps`` of them (or of steps with a gradient norm of 0) in a row the run stops with a
@@ -226,7 +256,14 @@ class Trainer:
             ``{"train": last logged train metrics, "eval": last eval metrics, "steps": {"applied",
             "skipped"}}`` (this Trainer's steps); ``eval`` only with eval pairs, ``train`` only once an
             applied step was logged.
+
+        Raises:
+            UserError: Another run holds ``output_dir``; a bad streak or a dishonest end (see above).
         """
+        with RunLock(self.out_dir, enabled=self.dist.is_main):
+            return self._train(stop_after)
+
+    def _train(self, stop_after: int | None) -> dict[str, dict[str, float]]:
         cfg = self.config
         self._write_config()
         if self.metrics_log is None:
@@ -271,16 +308,21 @@ class Trainer:
                         evaluated_at = self.step
                     stop, save_due = signals.poll(self.dist.is_main)
                     if stop is not None or save_due or (cfg.save_every and self.step % cfg.save_every == 0):
-                        path = self.save()
+                        # A bad streak's weights must never become the resume point (``latest``), nor make
+                        # keep_last prune the last good checkpoint: none is written until the streak ends.
+                        if self.health.in_streak:
+                            self.health.skip_save(self.step)
+                        else:
+                            self.save()
+                            saved_at = self.step
                         signals.saved()
-                        saved_at = self.step
                     if stop is not None:
                         self.stopped_by = stop
                         logger.warning(
                             "stopped by %s after step %d; checkpoint %s; rerun the same command to resume",
                             signal.Signals(stop).name,
                             self.step,
-                            path,
+                            self.health.good_checkpoint or "none (a rerun starts over)",
                         )
                     if stop is not None or (stop_after is not None and self.step >= stop_after):
                         bar.close()
@@ -293,7 +335,7 @@ class Trainer:
         self.health.check_end(self.step)
         if self.eval_split is not None and evaluated_at != self.step:
             result["eval"] = self._log_eval()
-        if cfg.save_every and saved_at != self.step and self.step > 0:
+        if cfg.save_every and saved_at != self.step and self.step > 0 and not self.health.in_streak:
             self.save()
         if cfg.save_model:
             self._export(self.out_dir / "final")
@@ -404,23 +446,20 @@ class Trainer:
             "plan": self._plan_identity(),
             "num_tokens": self.num_tokens,
             "config": self.config.to_dict(),
+            "model_identity": self.model_identity,
         }
-        # A checkpoint of a bad streak must not prune the last good one, which a resume should start from.
-        path = self.checkpoints.save(self.step, data_state, extra, protect=self.health.protected)
+        path = self.checkpoints.save(self.step, data_state, extra)
         self.health.saved(path)
         return path
 
-    def _resume_latest(self) -> Path | None:
-        """Restores the newest valid checkpoint in ``output_dir``, if there is one (same on every rank).
+    def _resume_latest(self) -> Path:
+        """Restores the checkpoint ``_check_resume`` found and accepted (the same on every rank).
 
-        Options that differ from the checkpoint's run are refused, or with ``allow_config_change`` applied
-        from here on: the LR schedule is rebuilt from the new ``lr``, warmup and run length.
+        Options that differ from the checkpoint's run were refused there, or with ``allow_config_change``
+        are applied from here on: the LR schedule is rebuilt from the new ``lr``, warmup and run length.
         """
-        restored = self.checkpoints.restore_latest()
-        if restored is None:
-            return None
-        path, state = restored
-        changed = check_resume(path, state["extra"] or {}, self.config, self._plan_identity())
+        path, changed = self._resume_from
+        state = self.checkpoints.restore(path)
         self.step = state["step"]
         self.epoch = state["data_state"]["epoch"]
         self.step_in_epoch = state["data_state"]["step_in_epoch"]
@@ -449,7 +488,8 @@ def train(config: TrainConfig) -> dict[str, dict[str, float]]:
         SystemExit: With status 130 (SIGINT) or 143 (SIGTERM) when a signal stopped the run; its
             checkpoint was written first.
     """
-    # Rank 0 alone takes the lock: the job's other ranks share the folder with it.
+    # Rank 0 alone takes the lock: the job's other ranks share the folder with it. It is held from before
+    # the reference pass and the resume; Trainer.train() takes it again, which nests (RunLock).
     with RunLock(config.output_dir, enabled=os.environ.get("RANK", "0") in ("", "0")):
         trainer = Trainer(config)
         result = trainer.train()

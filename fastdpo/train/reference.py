@@ -33,7 +33,8 @@ from fastdpo.train.plan import Split
 __all__ = ["precompute_reference", "reference_inputs"]
 
 logger = logging.getLogger("fastdpo")
-_REF_CACHE_VERSION = 2  # 2: the entry records its key and the sha256 of its tensors, checked on load
+# 2: the entry records its key and the sha256 of its tensors, checked on load; 3: the model files' sha256
+_REF_CACHE_VERSION = 3
 
 
 def reference_inputs(
@@ -80,6 +81,7 @@ def precompute_reference(
     *,
     cache_dir: Path,
     cacheable: bool,
+    model_identity: dict[str, Any] | None,
     source: Callable[[], nn.Module],
 ) -> None:
     """Fills ``split.ref_chosen / ref_rejected`` from the disk cache, or by one no-grad pass over ``bins``.
@@ -87,12 +89,13 @@ def precompute_reference(
     ``source()`` gives the model that scores the pass (the reference model, or the policy before any
     update); it is called on a cache miss only. Each rank scores its share of the bins into a zero table
     and the tables are summed over ranks. ``cacheable`` False (an injected policy without ``ref_model``:
-    nothing on disk names its weights) bypasses the cache.
+    nothing on disk names its weights) bypasses the cache. ``model_identity`` (``fastdpo.model_identity``)
+    identifies the scoring model's files in the cache key, so weights replaced in place are a miss.
     """
     cfg = fwd.config
     key = {
         "version": _REF_CACHE_VERSION,
-        "model": _model_identity(cfg.ref_model or cfg.model),
+        "model": model_identity,
         "data": split.digest,
         "compute_dtype": str(fwd.compute_dtype),
         "param_dtype": cfg.param_dtype,
@@ -171,15 +174,3 @@ def _read_cache(path: Path, key: dict[str, Any], n: int) -> dict[str, torch.Tens
             return tensors
     logger.warning("reference log-prob cache %s: %s; recomputing it", path, problem)
     return None
-
-
-def _model_identity(name: str) -> dict[str, Any]:
-    """What identifies a model's weights for the reference cache: file names, sizes and mtimes."""
-    path = Path(name)
-    if not path.is_dir():
-        return {"name": name}
-    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
-    return {
-        "path": str(path.resolve()),
-        "files": [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
-    }

@@ -9,7 +9,10 @@ a lock that blocks the next one, and there is no window between "is the holder a
 over" for two starters to race through. The file also holds the holder's host, PID and start time as
 JSON, only to say who holds it; it is emptied on a clean release. Finding the JSON of another process
 on taking the lock means that process died holding it: the lock is taken over with a warning.
-Only rank 0 of a torchrun job takes it (every rank of the job shares the folder by design).
+Only rank 0 of a torchrun job takes it (every rank of the job shares the folder by design). Within one
+process the lock nests: ``fastdpo train`` holds it around building the ``Trainer`` (reference pass,
+resume) and ``Trainer.train()`` takes it again for the steps, which a flock on a second descriptor of the
+same file would refuse.
 flock is advisory and per host on some network filesystems (NFS without lock support): there it guards
 runs started on the same host only.
 """
@@ -34,6 +37,7 @@ __all__ = ["LOCK_FILE", "RunLock", "removed_if_left_empty"]
 
 LOCK_FILE = ".fastdpo.lock"
 logger = logging.getLogger("fastdpo")
+_HELD: dict[Path, int] = {}  # lock files this process holds -> how many RunLocks hold each
 
 
 class RunLock:
@@ -47,11 +51,17 @@ class RunLock:
         self.path = Path(output_dir) / LOCK_FILE
         self.enabled = enabled
         self._fd: int | None = None
+        self._nested: Path | None = None
 
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = self.path.resolve()
+        if key in _HELD:
+            _HELD[key] += 1
+            self._nested = key
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,12 +89,17 @@ class RunLock:
         }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(holder).encode(), 0)
+        _HELD[key] = 1
         return self
 
     def __exit__(
         self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._fd is not None:
+        if self._nested is not None:
+            _HELD[self._nested] -= 1
+            self._nested = None
+        elif self._fd is not None:
+            _HELD.pop(self.path.resolve(), None)
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing the last descriptor releases the flock
             self._fd = None
