@@ -4,6 +4,7 @@ Modes (each configuration runs in a fresh subprocess, so an out-of-memory leaves
   max-context    the longest chosen+rejected tokens per optimizer step that trains without OOM
   throughput     tokens/s and model FLOPs utilization at equal settings
   shared-prompt  fastdpo with and without shared-prompt packing on a long-prompt, short-response workload
+  mechanisms     fastdpo's step time with each long-context mechanism on, against checkpointing alone
 
 GPU:  python benchmarks/bench_trainer.py --mode max-context --csv out/ctx.csv
       python benchmarks/bench_trainer.py --mode throughput --tokens 16384 --csv out/tps.csv
@@ -11,11 +12,18 @@ CPU:  python benchmarks/bench_trainer.py --tiny     (harness check: a tiny model
 
 Tokens per step count every packed token (prompt included) of the pairs in one optimizer step. Pairs are
 random words of a word-level tokenizer whose vocabulary matches the model's; no download is needed.
+
+``--long-context`` (the default in max-context mode) runs fastdpo with the memory settings of
+``configs/llama3-8b-long.yaml`` (offloaded layer checkpoints, tiled MLP, lean norms, fused AdamW, LoRA on
+every projection, reference precomputed), the same ones ``fastdpo plan`` plans there, so a GPU run measures
+what the plan says; ``--plan`` adds that plan's peak to each fastdpo row (``planned_gb``, a meta-device run
+on this machine's CPU). Both trainers put LoRA on the same modules.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -25,6 +33,23 @@ import time
 
 from common import write_csv
 
+LONG_CONFIG = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "llama3-8b-long.yaml"
+)
+# What --long-context takes from LONG_CONFIG: the memory settings, not the run's data, model or schedule.
+LONG_KEYS = (
+    "gradient_checkpointing", "offload_checkpoints", "tiled_mlp", "lean_norms", "tile_tokens", "fused_adamw",
+    "attn_backend", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "reference",
+)  # fmt: skip
+# --mode mechanisms: the step time each long-context mechanism adds to checkpointing alone (fastdpo only).
+_CKPT = {"gradient_checkpointing": True}
+MECHANISMS = {
+    "checkpointing": _CKPT,
+    "+ offload_checkpoints": {**_CKPT, "offload_checkpoints": True},
+    "+ tiled_mlp": {**_CKPT, "tiled_mlp": True},
+    "+ lean_norms": {**_CKPT, "lean_norms": True},
+    "+ all three": {**_CKPT, "offload_checkpoints": True, "tiled_mlp": True, "lean_norms": True},
+}
 LLAMA31_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)
 H100_BF16_DENSE_TFLOPS = 989.0
@@ -97,6 +122,7 @@ def run_fastdpo(args, shape, tokens: int, prompt_len: int, response_len: int, sh
     work = tempfile.mkdtemp()
     data = os.path.join(work, "pairs.jsonl")
     write_pairs(data, shape["vocab"], pairs_per_step * (args.steps + 1), prompt_len, response_len)
+    options = {**(long_context_options(device) if args.long_context else {}), **args.options}
     cfg = TrainConfig(
         model="injected",
         data=data,
@@ -120,6 +146,7 @@ def run_fastdpo(args, shape, tokens: int, prompt_len: int, response_len: int, sh
         log_every=1,
         lr=1e-5,
     )
+    cfg = dataclasses.replace(cfg, **options)
     trainer = Trainer(cfg, model=model, tokenizer=tok)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -137,7 +164,22 @@ def run_fastdpo(args, shape, tokens: int, prompt_len: int, response_len: int, sh
     if device == "cuda":
         row["peak_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["mfu"] = round(tps * _flops_per_token(trainer.model, True) / (H100_BF16_DENSE_TFLOPS * 1e12), 4)
+    if args.plan:
+        from fastdpo.planner.api import plan_memory
+
+        planned = plan_memory(cfg, model_config=model.config, device="cuda" if device == "cuda" else "cpu")
+        row["planned_gb"] = round(planned.peak_bytes / 2**30, 3)
     return row
+
+
+def long_context_options(device: str) -> dict:
+    """LONG_CONFIG's memory settings; off CUDA, whose flash-attn is absent, the packed torch attention."""
+    from fastdpo.train.config import read_yaml
+
+    options = {k: v for k, v in read_yaml(LONG_CONFIG).items() if k in LONG_KEYS}
+    if device != "cuda":
+        options["attn_backend"] = "packed"
+    return options
 
 
 def run_trl(args, shape, tokens: int, prompt_len: int, response_len: int) -> dict:
@@ -169,7 +211,14 @@ def run_trl(args, shape, tokens: int, prompt_len: int, response_len: int) -> dic
         save_strategy="no",
         logging_steps=1,
     )
-    peft = LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    from fastdpo.train import TrainConfig
+
+    # fastdpo's LoRA modules: the long-context file's, else TrainConfig's default.
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "lora_target_modules")
+    targets = (
+        long_context_options(device)["lora_target_modules"] if args.long_context else field.default_factory()
+    )
+    peft = LoraConfig(r=16, lora_alpha=32, target_modules=list(targets))
     trainer = DPOTrainer(model=model, args=config, train_dataset=ds, processing_class=tok, peft_config=peft)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -214,14 +263,51 @@ def _run(spec: dict) -> dict:
     return json.loads(lines[-1][7:])
 
 
+def _specs(args, shape: dict, tokens: int, providers: list[str]) -> list[tuple[str, str, dict]]:
+    """The runs of one step size: (provider, variant, child spec)."""
+    if args.mode == "shared-prompt":
+        prompt_len, response_len = int(tokens * 0.45), int(tokens * 0.025)
+        variants = [("fastdpo", "shared prompt"), ("fastdpo", "")]
+    else:
+        seq = tokens // 2
+        prompt_len = int(seq * args.prompt_frac)
+        response_len = seq - prompt_len - 2
+        names = list(MECHANISMS) if args.mode == "mechanisms" else [""]
+        variants = (
+            [("fastdpo", v) for v in names] if args.mode == "mechanisms" else [(p, "") for p in providers]
+        )
+    return [
+        (
+            provider,
+            variant,
+            dict(
+                provider=provider,
+                shape=shape,
+                tokens=tokens,
+                prompt_len=prompt_len,
+                response_len=response_len,
+                shared_prompt=variant == "shared prompt",
+            ),
+        )  # fmt: skip
+        for provider, variant in variants
+    ]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=["max-context", "throughput", "shared-prompt"], default="throughput")
+    p.add_argument(
+        "--mode", choices=["max-context", "throughput", "shared-prompt", "mechanisms"], default="throughput"
+    )
     p.add_argument("--providers", default="fastdpo,trl")
     p.add_argument("--tokens", type=int, action="append", help="tokens per optimizer step (repeatable)")
     p.add_argument("--prompt-frac", type=float, default=0.5, help="prompt share of each sequence")
     p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
     p.add_argument("--offload", action="store_true", help="fastdpo: offload checkpointed activations to CPU")
+    p.add_argument(
+        "--long-context", action=argparse.BooleanOptionalAction, default=None,
+        help="fastdpo: the memory settings of configs/llama3-8b-long.yaml (default: on in max-context mode)",
+    )  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="fastdpo rows: also fastdpo plan's peak (planned_gb)")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes: a CPU check of the harness")
     p.add_argument("--csv", help="write the rows as CSV here")
     p.add_argument("--_child", help=argparse.SUPPRESS)
@@ -232,31 +318,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     shape = TINY if args.tiny else LLAMA31_8B
     defaults = {
-        "max-context": [256, 512]
-        if args.tiny
-        else [16384, 32768, 65536, 98304, 131072, 163840, 196608, 262144],
+        "max-context": [256, 512] if args.tiny else [65536, 131072, 262144, 393216, 524288, 655360, 786432],
         "throughput": [256] if args.tiny else [16384],
         "shared-prompt": [512] if args.tiny else [16384],
+        "mechanisms": [512] if args.tiny else [8192],
     }
     tokens_list = args.tokens or defaults[args.mode]
     providers = [x for x in args.providers.split(",") if x]
-    child_args = dict(steps=2 if args.tiny else args.steps, offload=args.offload)
+    long_context = args.mode == "max-context" if args.long_context is None else args.long_context
+    child_args = dict(
+        steps=2 if args.tiny else args.steps, offload=args.offload, long_context=long_context, plan=args.plan
+    )
     rows = []
     for tokens in tokens_list:
-        if args.mode == "shared-prompt":
-            prompt_len, response_len = int(tokens * 0.45), int(tokens * 0.025)
-            variants = [("fastdpo", True), ("fastdpo", False)]
-        else:
-            seq = tokens // 2
-            prompt_len = int(seq * args.prompt_frac)
-            response_len = seq - prompt_len - 2
-            variants = [(name, False) for name in providers]
-        for provider, shared in variants:
-            spec = dict(
-                provider=provider, shape=shape, tokens=tokens, prompt_len=prompt_len,
-                response_len=response_len, shared_prompt=shared, args=child_args,
+        for provider, variant, spec in _specs(args, shape, tokens, providers):
+            spec["args"] = {**child_args, "options": MECHANISMS.get(variant, {})}
+            row = dict(
+                mode=args.mode, provider=provider, variant=variant, tokens_per_step=tokens,
+                long_context=long_context and provider == "fastdpo",
             )  # fmt: skip
-            row = dict(mode=args.mode, provider=provider, shared_prompt=shared, tokens_per_step=tokens)
             row.update(_run(spec))
             rows.append(row)
             print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)

@@ -103,6 +103,49 @@ def test_bench_trainer_tiny(tmp_path):
     assert all(r["status"] == "ok" for r in rows), rows
 
 
+@pytest.mark.slow
+def test_bench_trainer_max_context_uses_the_long_context_settings(tmp_path):
+    """max-context runs fastdpo with configs/llama3-8b-long.yaml's memory settings and, with --plan, puts
+    that configuration's planned peak beside it."""
+    path = tmp_path / "ctx.csv"
+    cmd = (
+        "bench_trainer.py",
+        "--tiny",
+        "--mode",
+        "max-context",
+        "--tokens",
+        "512",
+        "--plan",
+        "--csv",
+        str(path),
+    )
+    _run(*cmd, timeout=600)
+    rows = {r["provider"]: r for r in csv.DictReader(path.open())}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert rows["fastdpo"]["long_context"] == "True" and float(rows["fastdpo"]["planned_gb"]) > 0
+    assert rows["trl"]["long_context"] == "False"
+
+
+@pytest.mark.slow
+def test_bench_trainer_mechanisms_runs_each_variant(tmp_path):
+    path = tmp_path / "mech.csv"
+    _run(
+        "bench_trainer.py",
+        "--tiny",
+        "--mode",
+        "mechanisms",
+        "--tokens",
+        "256",
+        "--csv",
+        str(path),
+        timeout=600,
+    )
+    rows = list(csv.DictReader(path.open()))
+    variants = ["checkpointing", "+ offload_checkpoints", "+ tiled_mlp", "+ lean_norms", "+ all three"]
+    assert [r["variant"] for r in rows] == variants
+    assert all(r["status"] == "ok" and float(r["step_s"]) > 0 for r in rows), rows
+
+
 def test_bench_loss_kto_cpu_mode(tmp_path):
     path = tmp_path / "loss_kto.csv"
     _run(
