@@ -30,6 +30,8 @@ class Tokens:
     token_weights: torch.Tensor  # [M] fp32 weight of each token in its scored sequence log-prob
     lengths: torch.Tensor  # [S] fp32 valid tokens per sequence
     counts: list[int]  # [S] the same counts on the host
+    labels: torch.Tensor  # [N] every row's label, ignore_index where no loss (the head ops' targets)
+    ignore_index: int
 
     @property
     def num_seqs(self) -> int:
@@ -199,6 +201,8 @@ def prepare_tokens(
         token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device),
         lengths=lengths.float(),
         counts=counts,
+        labels=labels1d,
+        ignore_index=ignore_index,
     )
 
 
@@ -224,6 +228,8 @@ def _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index) 
         token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=device),
         lengths=torch.tensor(counts, dtype=torch.float32, device=device),
         counts=counts,
+        labels=labels1d,
+        ignore_index=ignore_index,
     )
 
 
@@ -243,11 +249,11 @@ def reduce_tokens(values: torch.Tensor, tokens: Tokens, weighted: bool = True) -
     return out.index_add_(0, tokens.seq_index, values * tokens.token_weights if weighted else values)
 
 
-def gather_rows(hidden2d: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """The valid tokens' hidden states; no copy when every token is valid."""
-    if tokens.rows.shape[0] == hidden2d.shape[0]:
-        return hidden2d
-    return hidden2d.index_select(0, tokens.rows)
+def gather_rows(values: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """The valid tokens' rows of ``values`` (``[N, ...]``); no copy when every token is valid."""
+    if tokens.rows.shape[0] == values.shape[0]:
+        return values
+    return values.index_select(0, tokens.rows)
 
 
 def scatter_rows(values: torch.Tensor, hidden2d: torch.Tensor, tokens: Tokens) -> torch.Tensor:
