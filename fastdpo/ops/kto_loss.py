@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpo.ops._grad_inside import grad_inside_op
 from fastdpo.ops.linear_logprobs import resolve_backend
 
 __all__ = [
@@ -196,16 +197,12 @@ def _torch_op(
     num_seqs = policy.numel()
     ref_values = torch.zeros_like(policy) if ref is None else ref.to(policy.dtype)
     kl_used = _kl_value(kl, config, policy)
-
-    def mean_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with grad_inside_op():
+        leaf = policy.detach().clone().requires_grad_(True)
         losses = _kto_losses(leaf, ref_values, desirable, kl_used, config)
-        return losses.sum() / num_seqs, losses
-
-    # torch.func.grad, not torch.autograd.grad: an op's body runs below the autograd dispatch keys, where
-    # no graph is recorded; functorch's grad transform keeps its own. Same formulas, same backward.
-    coefs, losses = torch.func.grad(mean_loss, has_aux=True)(policy)
+        (coefs,) = torch.autograd.grad(losses.sum() / num_seqs, leaf)
     poison = _poison(policy, ref_values, kl_used)
-    return losses + poison, coefs + poison, config.beta * (policy - ref_values)
+    return losses.detach() + poison, coefs + poison, config.beta * (policy - ref_values)
 
 
 @_torch_op.register_fake

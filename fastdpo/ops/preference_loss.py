@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpo.ops._grad_inside import grad_inside_op
 from fastdpo.ops.linear_logprobs import resolve_backend
 
 __all__ = [
@@ -318,18 +319,17 @@ def _torch_op(
         f_divergence_type, f_alpha_divergence_coef,
     )  # fmt: skip
     num_pairs = policy.numel() // 2
-
-    def mean_loss(leaf: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    with grad_inside_op():
+        leaf = policy.detach().clone().requires_grad_(True)
         losses, rewards, log_odds = _pair_losses(leaf, ref, lengths, config)
-        log_odds = leaf.new_empty(0) if log_odds is None else log_odds
-        return losses.sum() / num_pairs, (losses, rewards, log_odds)
-
-    # torch.func.grad, not torch.autograd.grad: an op's body runs below the autograd dispatch keys, where
-    # no graph is recorded; functorch's grad transform keeps its own. Same formulas, same backward.
-    coefs, (losses, rewards, log_odds) = torch.func.grad(mean_loss, has_aux=True)(policy)
+        if losses.requires_grad:
+            (coefs,) = torch.autograd.grad(losses.sum() / num_pairs, leaf)
+        else:
+            coefs = torch.zeros_like(leaf)
     ref_values = torch.zeros_like(policy) if ref is None else ref.to(policy.dtype)
     coefs = coefs + _poison(policy, ref_values).repeat(2)
-    return losses, coefs, rewards, log_odds
+    log_odds = policy.new_empty(0) if log_odds is None else log_odds.detach()
+    return losses.detach(), coefs, rewards.detach(), log_odds
 
 
 @_torch_op.register_fake

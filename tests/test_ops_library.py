@@ -1,0 +1,193 @@
+"""The fastdpo:: torch.library ops: opcheck on every op and backend, fakes, and compiled loss steps."""
+
+import pytest
+import torch
+
+from fastdpo.metarun import plan_for
+from fastdpo.ops import kto_loss as kto_ops
+from fastdpo.ops import preference_loss as pl_ops
+from fastdpo.ops._head import backward_workspace_bytes, forward_workspace_bytes
+from fastdpo.ops._head_common import interpreting
+from fastdpo.ops.linear_logprobs import linear_logprobs_bwd, linear_logprobs_fwd
+
+# The Triton backend runs here only under the interpreter (conftest sets it on machines without a GPU).
+BACKENDS = ["torch"] + (["triton"] if interpreting() or torch.cuda.is_available() else [])
+HEAD_PATHS = [(b, i) for b in BACKENDS for i in ("chunked", "fused")]
+# Under the interpreter a triton_op's launch cannot be traced (its kernel runs numpy on the tensors'
+# data pointers, which fake tensors have not got), so the AOT-dispatch checks run only on a GPU.
+_LAUNCH_CHECKS = torch.library._OPCHECK_DEFAULT_UTILS
+if interpreting():
+    _LAUNCH_CHECKS = tuple(u for u in _LAUNCH_CHECKS if u != "test_aot_dispatch_dynamic")
+
+
+def _device(backend: str) -> str:
+    return "cuda" if backend == "triton" and not interpreting() else "cpu"
+
+
+def _head_inputs(n=13, d=24, v=37, dtype=torch.float32, ignored=(0, 1, 5), bias=True, device="cpu"):
+    """Non-power-of-two shapes; ``ignored`` rows (or ``"all"``) carry the ignore index -100."""
+    g = torch.Generator().manual_seed(n * 31 + d)
+    hidden = torch.randn(n, d, generator=g).to(dtype).to(device).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.3).to(dtype).to(device).requires_grad_()
+    b = (torch.randn(v, generator=g) * 0.1).to(dtype).to(device).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[list(range(n)) if ignored == "all" else list(ignored)] = -100
+    return hidden, weight, b, targets.to(device)
+
+
+def _fwd_args(backend, impl, stats, dtype=torch.float32, softcap=None, **kw):
+    hidden, weight, bias, targets = _head_inputs(dtype=dtype, device=_device(backend), **kw)
+    eps = 1e-7 if backend == "triton" and impl == "fused" else 0.0
+    return (hidden, weight, bias, targets, -100, 0.9, softcap, eps, backend, impl, stats, dtype)
+
+
+@pytest.mark.parametrize("backend,impl", HEAD_PATHS)
+@pytest.mark.parametrize("stats", [False, True])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(),
+        dict(dtype=torch.float16, softcap=5.0),
+        dict(ignored="all", bias=False),
+        dict(ignored=(), bias=False),
+    ],
+    ids=["fp32", "fp16-softcap", "all-ignored", "none-ignored"],
+)
+def test_opcheck_linear_logprobs_fwd(backend, impl, stats, case):
+    """Schema, fake shapes, autograd registration and the AOT-traced forward and backward of the head."""
+    torch.library.opcheck(linear_logprobs_fwd, _fwd_args(backend, impl, stats, **case))
+
+
+@pytest.mark.parametrize("backend,impl", HEAD_PATHS)
+@pytest.mark.parametrize("needs", [[True, True, True], [True, False, False], [False, True, True]])
+def test_opcheck_linear_logprobs_bwd(backend, impl, needs):
+    hidden, weight, bias, targets, *options = _fwd_args(backend, impl, False)
+    ignore_index, temperature, softcap, eps, _, _, _, dtype = options
+    with torch.no_grad():
+        _, lse, _, _ = linear_logprobs_fwd(hidden, weight, bias, targets, *options)
+    grad = torch.randn(targets.shape[0], device=hidden.device)
+    args = (grad, hidden.detach(), weight.detach(), bias.detach(), targets, lse, ignore_index, temperature,
+            softcap, eps, backend, impl, needs, dtype)  # fmt: skip
+    torch.library.opcheck(linear_logprobs_bwd, args)
+
+
+def test_opcheck_fails_on_a_wrong_fake(monkeypatch):
+    """The checks above can fail: a fake one row short is caught."""
+    original = linear_logprobs_fwd._abstract_fn
+
+    def short(hidden, *rest):
+        logp, lse, extra, workspace = original(hidden, *rest)
+        return logp[:-1].clone(), lse, extra, workspace
+
+    monkeypatch.setattr(linear_logprobs_fwd, "_abstract_fn", short)
+    with pytest.raises(Exception, match="(?i)shape|size"):
+        torch.library.opcheck(linear_logprobs_fwd, _fwd_args("torch", "chunked", False))
+
+
+def _pair_inputs(dtype, pairs=5, device="cpu"):
+    g = torch.Generator().manual_seed(7)
+    policy = (-torch.rand(2 * pairs, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
+    ref = (-torch.rand(2 * pairs, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
+    lengths = torch.randint(1, 20, (2 * pairs,), generator=g).to(dtype).to(device)
+    return policy, ref, lengths
+
+
+PAIR_CONFIGS = {
+    "sigmoid": pl_ops.PreferenceLossConfig(),
+    "ipo+orpo": pl_ops.PreferenceLossConfig(loss_types=("ipo", "orpo"), loss_weights=(0.5, 1.0)),
+    "robust-js": pl_ops.PreferenceLossConfig(
+        loss_types=("robust",), label_smoothing=0.1, f_divergence_type="js_divergence"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PAIR_CONFIGS))
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_preference_loss_torch(name, with_ref, dtype):
+    c = PAIR_CONFIGS[name]
+    policy, ref, lengths = _pair_inputs(dtype)
+    options = (c.beta, c.label_smoothing, c.discopop_tau, c.simpo_gamma, c.f_divergence_type)
+    types = ",".join(c.loss_types)
+    args = (
+        policy,
+        ref if with_ref else None,
+        lengths,
+        types,
+        list(c.loss_weights),
+        *options,
+        c.f_alpha_divergence_coef,
+    )
+    torch.library.opcheck(pl_ops._torch_op, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("name", list(PAIR_CONFIGS))
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_opcheck_preference_loss_triton(name, with_ref, monkeypatch):
+    c = PAIR_CONFIGS[name]
+    policy, ref, lengths = _pair_inputs(torch.float32, device=_device("triton"))
+    calls = []
+    real_op = pl_ops._triton_op
+
+    def capture(*args):
+        calls.append(args)
+        return real_op(*args)
+
+    monkeypatch.setattr(pl_ops, "_triton_op", capture)
+    pl_ops.preference_loss_triton(policy, ref if with_ref else None, lengths, c)
+    torch.library.opcheck(real_op, calls[0], test_utils=_LAUNCH_CHECKS)
+
+
+def _kto_inputs(dtype, seqs=7, device="cpu"):
+    g = torch.Generator().manual_seed(3)
+    policy = (-torch.rand(seqs, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
+    ref = (-torch.rand(seqs, generator=g, dtype=torch.float64) * 30).to(dtype).to(device)
+    desirable = torch.tensor([True, False, False, True, True, False, True][:seqs], device=device)
+    return policy, ref, desirable, torch.tensor(0.25, dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("with_ref", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_kto_loss_torch(loss_type, with_ref, dtype):
+    policy, ref, desirable, kl = _kto_inputs(dtype)
+    args = (policy, ref if with_ref else None, desirable, kl, loss_type, 0.2, 1.0, 1.5)
+    torch.library.opcheck(kto_ops._torch_op, args)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs CUDA or TRITON_INTERPRET=1")
+@pytest.mark.parametrize("with_ref", [True, False])
+def test_opcheck_kto_loss_triton(with_ref):
+    policy, ref, desirable, kl = _kto_inputs(torch.float32, device=_device("triton"))
+    args = (policy, ref if with_ref else None, desirable, kl, 0.2, 1.0, 1.5)
+    torch.library.opcheck(kto_ops._triton_op, args, test_utils=_LAUNCH_CHECKS)
+
+
+@pytest.mark.parametrize("backend,impl", [("triton", "fused"), ("triton", "chunked"), ("torch", "chunked")])
+def test_fakes_add_the_workspace_only_when_planning_for_cuda(backend, impl):
+    """On meta, the ops' workspace output holds the real path's temporaries for a CUDA plan, none else."""
+    hidden, weight, bias, targets = (
+        t.detach().to("meta") if t is not None else None
+        for t in _head_inputs(n=40, d=16, v=300, dtype=torch.bfloat16)
+    )
+    targets = torch.empty(40, dtype=torch.long, device="meta")  # values unknown: every row counts
+    args = (hidden, weight, bias, targets, -100, 1.0, None, 0.0, backend, impl, True, torch.bfloat16)
+    _, _, _, workspace = linear_logprobs_fwd(*args)
+    assert workspace.numel() == 0
+    with plan_for("cuda"):
+        logp, lse, extra, workspace = linear_logprobs_fwd(*args)
+        lse_real = torch.empty(40, device="meta")
+        grads = linear_logprobs_bwd(logp, hidden, weight, bias, targets, lse_real, -100, 1.0, None, 0.0,
+                                    backend, impl, [True, True, True], torch.bfloat16)  # fmt: skip
+    assert [t.shape for t in (logp, lse, *extra)] == [(40,)] * 6
+    kw = dict(backend=backend, impl=impl)
+    fwd = forward_workspace_bytes(
+        40, 40, 16, 300, torch.bfloat16, torch.bfloat16, torch.bfloat16, stats=True, **kw
+    )
+    bwd = backward_workspace_bytes(
+        40, 40, 16, 300, torch.bfloat16, torch.bfloat16, torch.bfloat16, needs=(True, True, True), **kw
+    )
+    assert workspace.numel() == fwd > 0
+    assert grads[3].numel() == bwd >= 300 * 16 * 4  # the fp32 dW accumulator of a bf16 weight at least
+    assert [g.shape for g in grads[:3]] == [hidden.shape, weight.shape, bias.shape]
