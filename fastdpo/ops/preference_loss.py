@@ -312,11 +312,11 @@ def _torch_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(losses [B], coefs [2B], rewards [2B], log_odds [B] or [0])`` in policy's dtype.
 
-    ``loss_types`` are comma-separated (a schema has no list of strings).
+    ``loss_types`` are comma-separated, possibly none (a schema has no list of strings).
     """
     config = PreferenceLossConfig(
-        tuple(loss_types.split(",")), tuple(loss_weights), beta, label_smoothing, discopop_tau, simpo_gamma,
-        f_divergence_type, f_alpha_divergence_coef,
+        tuple(t for t in loss_types.split(",") if t), tuple(loss_weights), beta, label_smoothing,
+        discopop_tau, simpo_gamma, f_divergence_type, f_alpha_divergence_coef,
     )  # fmt: skip
     num_pairs = policy.numel() // 2
     with grad_inside_op():
