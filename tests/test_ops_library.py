@@ -191,3 +191,82 @@ def test_fakes_add_the_workspace_only_when_planning_for_cuda(backend, impl):
     assert workspace.numel() == fwd > 0
     assert grads[3].numel() == bwd >= 300 * 16 * 4  # the fp32 dW accumulator of a bf16 weight at least
     assert [g.shape for g in grads[:3]] == [hidden.shape, weight.shape, bias.shape]
+
+
+def _padded_batch(rows, t, d=16, v=37, seed=0):
+    """``rows`` sequences of ``t`` tokens: the first few are prompt (ignored), one row wholly ignored."""
+    g = torch.Generator().manual_seed(seed + rows * 100 + t)
+    hidden = torch.randn(rows, t, d, generator=g).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) * 0.5).requires_grad_()
+    labels = torch.randint(0, v, (rows, t), generator=g)
+    labels[:, : t // 3] = -100
+    labels[-1, :] = -100  # a fully masked response: log-prob 0, as TRL
+    return hidden, weight, labels
+
+
+def _compare_compiled(step, batches):
+    """Runs ``step`` eagerly and compiled (fullgraph, dynamic, aot_eager) on each batch; one compile.
+
+    Tolerance: aot_eager runs the same aten kernels as eager and the head is the same opaque op, so the
+    compiled numbers differ only where AOT decomposes an op (means into sum and division, the sigmoid's
+    backward) or a count becomes a device fp32 value: a few fp32 ulps of O(1) values.
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True, dynamic=True)
+    frames = 0
+    for hidden, weight, *rest in batches:
+        want = step(hidden, weight, *rest)
+        want_grads = torch.autograd.grad(want[0], (hidden, weight))
+        got = compiled(hidden, weight, *rest)
+        got_grads = torch.autograd.grad(got[0], (hidden, weight))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_grads, want_grads, rtol=1e-5, atol=1e-6)
+        assert want_grads[0].abs().sum() > 0
+        frames = frames or counter.frame_count
+    assert counter.frame_count == frames  # the second token count reuses what the first compiled
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"loss_type": ["ipo", "sigmoid"], "rpo_alpha": 0.5, "ld_alpha": 0.7}],
+    ids=["sigmoid", "mix"],
+)
+def test_compiled_dpo_step_equals_eager(options):
+    from fastdpo import FusedLinearDPOLoss
+
+    loss_fn = FusedLinearDPOLoss(backend="torch", **options)
+
+    def step(hidden, weight, labels, ref_chosen, ref_rejected):
+        out = loss_fn(hidden, weight, labels, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
+        return out.loss, out.losses, out.chosen_rewards, out.rejected_logps
+
+    batches = []
+    # Sizes all distinct, so that no two dimensions are guarded equal (duck sizing) and recompiled.
+    for pairs, t in ((3, 11), (5, 14)):
+        hidden, weight, labels = _padded_batch(2 * pairs, t)
+        labels[-1, -1] = 3  # ipo divides by the length: every response keeps a token
+        batches.append((hidden, weight, labels, *(-torch.rand(2, pairs) * 5)))
+    _compare_compiled(step, batches)
+
+
+def test_compiled_kto_step_equals_eager():
+    from fastdpo import FusedLinearKTOLoss
+
+    loss_fn = FusedLinearKTOLoss(backend="torch", beta=0.2)
+
+    def step(hidden, weight, labels, kl_hidden, desirable, ref, kl_ref):
+        out = loss_fn(
+            hidden, weight, labels, preference_labels=desirable, ref_logps=ref, kl_hidden=kl_hidden,
+            kl_labels=labels, kl_ref_logps=kl_ref,
+        )  # fmt: skip
+        return out.loss, out.losses, out.rewards, out.kl
+
+    batches = []
+    for seqs, t in ((5, 11), (7, 14)):
+        hidden, weight, labels = _padded_batch(seqs, t)
+        kl_hidden = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(seqs))
+        desirable = torch.arange(seqs) % 2 == 0
+        batches.append((hidden, weight, labels, kl_hidden, desirable, *(-torch.rand(2, seqs) * 5)))
+    _compare_compiled(step, batches)

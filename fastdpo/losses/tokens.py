@@ -181,7 +181,7 @@ def prepare_tokens(
         named = torch.where((every < 0) | (every >= num_seqs), num_seqs, every)
         present = [_count(named, num_seqs + 1)[:num_seqs]]
     if torch.compiler.is_compiling():
-        _assert_on_device(bad_seq, bad_target, present, seqs_name, num_seqs, ignore_index, vocab)
+        _assert_on_device(bad_seq, bad_target, present, ignore_index)
         return _tokens(hidden2d, rows, targets, seqs, lengths, None, labels1d, ignore_index, num_seqs)
     host = torch.cat([torch.stack([bad_seq, bad_target]).long(), lengths, *present]).tolist()
     bad_seq, bad_target, counts = host[0], host[1], host[2 : 2 + num_seqs]
@@ -218,17 +218,14 @@ def _tokens(hidden2d, rows, targets, seqs, lengths, counts, labels1d, ignore_ind
     )
 
 
-def _assert_on_device(bad_seq, bad_target, present, seqs_name, num_seqs, ignore_index, vocab) -> None:  # noqa: ANN001
+def _assert_on_device(bad_seq, bad_target, present, ignore_index) -> None:  # noqa: ANN001
     """``prepare_tokens``' checks under torch.compile: asserted on the device, without a host sync (the
-    eager path syncs once to raise ``ValueError`` with the details)."""
-    torch._assert_async(~bad_seq, f"seq_index must lie in [0, {seqs_name}={num_seqs}) at every labeled token")
+    eager path syncs once to raise ``ValueError`` with the details). The messages name no size: a size in
+    them would specialize the compiled graph on it."""
+    torch._assert_async(~bad_seq, "seq_index must lie in [0, S) at every token whose label is not ignored")
     if present:
-        torch._assert_async(
-            (present[0] > 0).all(), f"seq_index names no token of some of {num_seqs} sequences"
-        )
-    torch._assert_async(
-        ~bad_target, f"labels must be ignore_index={ignore_index} or token ids in [0, {vocab})"
-    )
+        torch._assert_async((present[0] > 0).all(), "seq_index names no token of some sequence")
+    torch._assert_async(~bad_target, f"labels must be ignore_index={ignore_index} or token ids in [0, V)")
 
 
 def _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index) -> Tokens:  # noqa: ANN001
