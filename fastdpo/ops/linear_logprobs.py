@@ -84,9 +84,11 @@ def linear_logprobs_fwd(
     stats: bool,
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
-    """``(logp [N], lse [N], the four TokenStats [N] or [], workspace)`` of ``hidden [N, D]``.
+    """``z.log_softmax(-1)[targets]`` and ``z.logsumexp(-1)``, ``z = cap(hidden @ weight.T + bias) / T``.
 
-    ``filter_eps`` is the backward's (see :func:`linear_logprobs`), an argument here for the autograd.
+    Each output is ``[N]`` with 0 at ignored rows: the log-probs, the log-sum-exp, the four
+    :class:`TokenStats` (``[]`` without ``stats``), and an empty workspace (see the fake). ``filter_eps`` is
+    the backward's (see :func:`linear_logprobs`), an argument here for the autograd.
 
     A custom op, not a ``triton_op``: beside its launches it compacts rows by data, runs ``torch.mm`` and
     picks launch configs by compiling (``ctas_per_sm``) or timing, none of which a trace can follow.
@@ -152,7 +154,10 @@ def linear_logprobs_bwd(
     needs: list[bool],
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dhidden [N, D], dweight, dbias, workspace)`` of ``sum(grad * logp)``; empty where not needed.
+    """``torch.autograd.grad((grad * logp).sum(), (hidden, weight, bias))`` of the forward's ``logp``.
+
+    Returns ``(dhidden [N, D], dweight, dbias, workspace)`` in the inputs' dtypes, an empty tensor for each
+    gradient not in ``needs``; ``lse`` is the forward's ``[N]`` output.
 
     The valid rows are recomputed from the targets, so the forward saves nothing ``[M]``-shaped.
     """
