@@ -191,19 +191,24 @@ def forward_workspace_bytes(m, n, d, v, hidden_dtype, weight_dtype, compute_dtyp
 
 
 def backward_workspace_bytes(m, n, d, v, hidden_dtype, weight_dtype, compute_dtype, *, backend, impl, needs):
-    """The bytes :func:`logprobs_backward` and the op's compaction hold beside the op's outputs, at their
-    peak: while the chunks run (the compacted rows, the fp32 accumulators that are not themselves the
-    outputs, one chunk) or at the end (the accumulators and the compacted ``dH`` cast to hidden's dtype).
+    """The bytes :func:`logprobs_backward` and the op's compaction hold at their peak, less the op's outputs
+    (a tracker sees those anyway), for ``m`` valid of ``n`` rows and a bias in weight's dtype.
+
+    Three moments: while the chunks run (the compacted rows, grad and lse, the fp32 accumulators, one
+    chunk); while the accumulators are cast to the inputs' dtypes; and while the compacted ``dH`` is
+    scattered into the ``[N, D]`` output (the accumulators are gone by then).
     """
     compact = m < n
-    total = (m * d * hidden_dtype.itemsize + 2 * m * 4) if compact else 0
     need_dh, need_dw, need_db = needs
-    accumulators = 0
-    accumulators += m * d * 4 if need_dh and (compact or hidden_dtype != torch.float32) else 0
-    accumulators += v * d * 4 if need_dw and weight_dtype != torch.float32 else 0
-    accumulators += v * 4 if need_db and weight_dtype != torch.float32 else 0
+    hs, ws = hidden_dtype.itemsize, weight_dtype.itemsize
+    rows = m * d * hs + 2 * m * 4 if compact else 0
+    acc = (m * d * 4 if need_dh else 0) + (v * d * 4 if need_dw else 0) + (v * 4 if need_db else 0)
+    cast = m * d * hs if need_dh and hidden_dtype != torch.float32 else 0  # fp32 gradients are not copied
+    if weight_dtype != torch.float32:
+        cast += (v * d * ws if need_dw else 0) + (v * ws if need_db else 0)
     chunk = 0
     if m and not (backend == "triton" and impl == "fused"):
         chunk = _head_chunk(m, v, d, hidden_dtype, weight_dtype, compute_dtype, backend)
-    cast_dh = m * d * hidden_dtype.itemsize if need_dh and compact else 0
-    return total + accumulators + max(chunk, cast_dh)
+    outputs = (n * d * hs if need_dh else 0) + (v * d * ws if need_dw else 0) + (v * ws if need_db else 0)
+    scatter = outputs + (m * d * hs if need_dh and compact else 0)
+    return max(0, max(rows + acc + chunk, rows + acc + cast, scatter) - outputs)
