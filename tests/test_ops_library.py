@@ -270,3 +270,32 @@ def test_compiled_kto_step_equals_eager():
         desirable = torch.arange(seqs) % 2 == 0
         batches.append((hidden, weight, labels, kl_hidden, desirable, *(-torch.rand(2, seqs) * 5)))
     _compare_compiled(step, batches)
+
+
+def test_compiled_step_asserts_on_the_device():
+    """Compiled, a label outside the vocabulary fails on the device (eagerly: a ValueError naming it)."""
+    from fastdpo import FusedLinearDPOLoss
+
+    loss_fn = FusedLinearDPOLoss(backend="torch", reference_free=True)
+    compiled = torch.compile(
+        lambda h, w, labels: loss_fn(h, w, labels).loss, backend="aot_eager", fullgraph=True, dynamic=True
+    )
+    hidden, weight, labels = _padded_batch(4, 9)
+    compiled(hidden, weight, labels)
+    labels[0, -1] = weight.shape[0]
+    with pytest.raises(ValueError, match="token ids"):
+        loss_fn(hidden, weight, labels)
+    with pytest.raises(RuntimeError, match="token ids"):
+        compiled(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("stats", [False, True])
+def test_compiled_linear_logprobs_equals_eager(stats):
+    from fastdpo import linear_logprobs
+
+    def head(h, w, t):
+        out = linear_logprobs(h, w, t, backend="torch", softcap=4.0, stats=stats)
+        logp = out.logps if stats else out
+        return (logp.sum(), *(out if stats else (out,)))
+
+    _compare_compiled(head, [_padded_batch(3, 11), _padded_batch(5, 14)])
