@@ -147,7 +147,8 @@ def prepare_tokens(
     seqs_name: str,
     count_name: str | None = None,
 ) -> Tokens:
-    """Compacts the valid tokens and validates them, with one host sync for every data-dependent check.
+    """Compacts the valid tokens and validates them, with one host sync for every data-dependent check
+    (none under torch.compile: the checks are asserted on the device, the counts stay there).
 
     Args:
         seq1d: the packed layout's ``seq_index``; None for the padded layout, where row ``r // padded_len``
