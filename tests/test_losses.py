@@ -642,10 +642,10 @@ def test_impls_match_float64(backend, impl):
 def test_deterministic_algorithms_pick_chunked(monkeypatch):
     calls = []
     fused = importlib.import_module("fastdpo.losses.fused")
-    forward = fused.logprobs_forward
-    monkeypatch.setattr(
-        fused, "logprobs_forward", lambda *a, **k: calls.append(k["impl"]) or forward(*a, **k)
-    )
+    forward = fused.linear_logprobs_fwd
+    # The head op's arguments: (hidden, weight, bias, targets, ignore_index, temperature, softcap,
+    # filter_eps, backend, impl, stats, compute_dtype).
+    monkeypatch.setattr(fused, "linear_logprobs_fwd", lambda *a: calls.append(a[9]) or forward(*a))
     monkeypatch.delenv("FASTDPO_IMPL", raising=False)
     hidden, weight, b, labels, _ = make_batch()
     previous = torch.are_deterministic_algorithms_enabled()

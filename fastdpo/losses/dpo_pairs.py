@@ -83,11 +83,15 @@ def pair_tokens(
 def pair_loss(spec: LossSpec, tokens: Tokens, ref_logps: torch.Tensor | None) -> SequenceLoss:
     """The DPO-family sequence loss of ``tokens``: pair losses, rewards and the NLL term."""
     num_pairs = tokens.num_seqs // 2
-    chosen_tokens = sum(tokens.counts[:num_pairs])
-    if spec.nll_weight and chosen_tokens == 0:
-        raise ValueError(
-            "the NLL term (sft / orpo / rpo_alpha) needs chosen tokens, but every chosen label is masked"
-        )
+    no_chosen = "the NLL term (sft / orpo / rpo_alpha) needs chosen tokens, but every chosen label is masked"
+    if tokens.counts is None:  # torch.compile: a device count, asserted on the device
+        chosen_tokens = tokens.lengths[:num_pairs].sum()
+        if spec.nll_weight:
+            torch._assert_async(chosen_tokens > 0, no_chosen)
+    else:
+        chosen_tokens = sum(tokens.counts[:num_pairs])
+        if spec.nll_weight and chosen_tokens == 0:
+            raise ValueError(no_chosen)
     backend = spec.head.backend
 
     def sequence_loss(logp: torch.Tensor, stats: TokenStats | None) -> LossParts:

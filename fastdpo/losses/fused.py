@@ -1,10 +1,12 @@
 """The head-loss machinery shared by the fused losses: head options, autocast, and one autograd Function.
 
 A fused loss is ``loss(reduce(logp))`` where ``logp`` are the per-token log-probs of the valid tokens under
-``lm_head``. The Function below runs the head's forward (``logprobs_forward``), hands the log-probs to a
-family's *sequence loss* (DPO's pair losses in ``dpo.py``, KTO's in ``kto.py``), and in its backward scales
-the per-token coefficients ``d loss / d logp`` that the sequence loss returned by the incoming gradient and
-drives the head's backward (``logprobs_backward``). No per-token autograd graph exists.
+``lm_head``. The Function below runs the head's forward op (``fastdpo::linear_logprobs_fwd``, which
+compacts the ignored rows itself), hands the log-probs to a family's *sequence loss* (DPO's pair losses in
+``dpo.py``, KTO's in ``kto.py``), and in its backward scales the per-token coefficients ``d loss / d logp``
+that the sequence loss returned by the incoming gradient and drives the head's backward op
+(``fastdpo::linear_logprobs_bwd``). No per-token autograd graph exists. On the meta device (``fastdpo
+plan``) the ops' fakes stand in for the head.
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from fastdpo.metarun import autocast_dtype, autocast_off
 from fastdpo.ops.linear_logprobs import (
     TokenStats,
     filter_threshold,
-    logprobs_backward,
-    logprobs_forward,
+    linear_logprobs_bwd,
+    linear_logprobs_fwd,
     resolve_backend,
     resolve_impl,
 )
@@ -115,11 +117,24 @@ class _Run:
         eps = filter_threshold(head.filter_eps, compute_dtype) if fused else 0.0
         return _Run(head, backend, impl, compute_dtype, eps)
 
-    def forward(self, hidden, weight, bias, targets, stats: bool = False):
-        return logprobs_forward(
-            hidden, weight, bias, targets, temperature=self.head.temperature, softcap=self.head.softcap,
-            backend=self.backend, impl=self.impl, stats=stats, compute_dtype=self.compute_dtype,
+    def forward(self, hidden2d, weight, bias, tokens: Tokens, stats: bool = False):
+        """``(logp [M], lse [N], stats [M] or None)`` of the valid tokens, through the registered head op."""
+        logp, lse, extra, _ = linear_logprobs_fwd(
+            hidden2d, weight, bias, tokens.labels, tokens.ignore_index, self.head.temperature,
+            self.head.softcap, self.filter_eps, self.backend, self.impl, stats, self.compute_dtype,
         )  # fmt: skip
+        token_stats = TokenStats(*(gather_rows(x, tokens) for x in extra)) if stats else None
+        return gather_rows(logp, tokens), lse, token_stats
+
+    def backward(self, grad_logp, hidden2d, weight, bias, tokens: Tokens, lse, needs):
+        """``(dhidden [N, D], dweight, dbias)`` of ``sum(grad_logp * logp)``, None where not needed."""
+        grad = scatter_rows(grad_logp, hidden2d, tokens)
+        needs = [needs[0], needs[1], needs[2] and bias is not None]
+        grads = linear_logprobs_bwd(
+            grad, hidden2d, weight, bias, tokens.labels, lse, tokens.ignore_index, self.head.temperature,
+            self.head.softcap, self.filter_eps, self.backend, self.impl, needs, self.compute_dtype,
+        )  # fmt: skip
+        return tuple(g if need else None for g, need in zip(grads[:3], needs, strict=True))
 
 
 def scored_logps(
@@ -131,20 +146,16 @@ def scored_logps(
     """
     run = _Run.resolve(head, hidden2d)
     with torch.no_grad():
-        logp, _ = run.forward(
-            gather_rows(hidden2d.detach(), tokens), weight.detach(), detach(bias), tokens.targets
-        )
+        logp, _, _ = run.forward(hidden2d.detach(), weight.detach(), detach(bias), tokens)
     return reduce_tokens(logp, tokens)
 
 
 class _FusedLinearPreferenceLossFunction(torch.autograd.Function):
-    """Head forward on compacted tokens, then the sequence loss; the backward scales its token grads."""
+    """Head forward on the valid tokens, then the sequence loss; the backward scales its token grads."""
 
     @staticmethod
     def forward(ctx, hidden2d, weight, bias, tokens, run, stats, sequence_loss):
-        result = run.forward(gather_rows(hidden2d, tokens), weight, bias, tokens.targets, stats)
-        logp, lse = result[0], result[1]
-        token_stats = result[2] if stats else None
+        logp, lse, token_stats = run.forward(hidden2d, weight, bias, tokens, stats)
         parts = sequence_loss(logp, token_stats)
         ctx.save_for_backward(hidden2d, weight, bias, lse, parts.token_grad)
         ctx.tokens = tokens
@@ -157,24 +168,10 @@ class _FusedLinearPreferenceLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, *unused_grads):
         hidden2d, weight, bias, lse, token_grad = ctx.saved_tensors
-        tokens, run = ctx.tokens, ctx.run
-        dh, dw, db = logprobs_backward(
-            token_grad * grad_loss.float(),
-            gather_rows(hidden2d, tokens),
-            weight,
-            bias,
-            tokens.targets,
-            lse,
-            temperature=run.head.temperature,
-            softcap=run.head.softcap,
-            filter_eps=run.filter_eps,
-            backend=run.backend,
-            impl=run.impl,
-            needs_input_grad=(ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]),
-            compute_dtype=run.compute_dtype,
+        dh, dw, db = ctx.run.backward(
+            token_grad * grad_loss.float(), hidden2d, weight, bias, ctx.tokens, lse, ctx.needs_input_grad[:3]
         )
-        dhidden = None if dh is None else scatter_rows(dh, hidden2d, tokens)
-        return dhidden, dw, db, None, None, None, None
+        return dh, dw, db, None, None, None, None
 
 
 def fused_head_loss(

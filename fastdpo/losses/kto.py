@@ -148,8 +148,13 @@ def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 def _metrics(
     logps: torch.Tensor, rewards: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """TRL's KTO metrics of one batch, plus the sums and counts they are built from."""
-    num_chosen = int(desirable.sum().item())
+    """TRL's KTO metrics of one batch, plus the sums and counts they are built from.
+
+    Eagerly a group without sequences has no mean (one host sync decides); under torch.compile the keys
+    cannot depend on data, so every mean is present and NaN (0 / 0) for an empty group.
+    """
+    compiled = torch.compiler.is_compiling()
+    num_chosen = desirable.sum() if compiled else int(desirable.sum().item())
     num_rejected = desirable.shape[0] - num_chosen
     zero = torch.zeros((), dtype=torch.float32, device=logps.device)
     metrics = {"kl": kl}
@@ -157,20 +162,25 @@ def _metrics(
         metrics[f"count/{name}"] = zero + count
         metrics[f"rewards/{name}_sum"] = torch.where(mask, rewards, 0.0).nansum()
         metrics[f"logps/{name}_sum"] = torch.where(mask, logps, 0.0).nansum()
-        if count:
+        if compiled or count:
             metrics[f"rewards/{name}"] = metrics[f"rewards/{name}_sum"] / count
             metrics[f"logps/{name}"] = metrics[f"logps/{name}_sum"] / count
-    if num_chosen and num_rejected:
+    if compiled or (num_chosen and num_rejected):
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return metrics
 
 
 def _stat_metrics(stats: TokenStats, tokens: Tokens, desirable: torch.Tensor) -> dict[str, torch.Tensor]:
-    """TRL's KTO token metrics: entropy over every scored token; mean logit per label group with tokens."""
+    """TRL's KTO token metrics: entropy over every scored token; mean logit per label group with tokens
+    (under torch.compile every group, NaN without tokens, as in :func:`_metrics`)."""
+    compiled = torch.compiler.is_compiling()
     entropy = stats.entropy.sum() / max(stats.entropy.numel(), 1)
     metrics = {"entropy": entropy}
     token_desirable = desirable.index_select(0, tokens.seq_index)
     for name, mask in (("chosen", token_desirable), ("rejected", ~token_desirable)):
+        if compiled:
+            metrics[f"logits/{name}"] = torch.where(mask, stats.mean_logit, 0.0).sum() / mask.sum()
+            continue
         count = int(mask.sum().item())
         if count:
             metrics[f"logits/{name}"] = stats.mean_logit[mask].sum() / count

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from fastdpo.metarun import autocast_dtype, host_values
 
@@ -29,11 +30,10 @@ class Tokens:
     seq_index: torch.Tensor  # [M] sequence of each valid token, 0..S-1
     token_weights: torch.Tensor  # [M] fp32 weight of each token in its scored sequence log-prob
     lengths: torch.Tensor  # [S] fp32 valid tokens per sequence
-    counts: list[int]  # [S] the same counts on the host
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.counts)
+    counts: list[int] | None  # [S] the same counts on the host; None under torch.compile (no host sync)
+    labels: torch.Tensor  # [N] every row's label, ignore_index where no loss (the head ops' targets)
+    ignore_index: int
+    num_seqs: int  # S
 
 
 def check_tensor(name: str, t: object) -> torch.Tensor:
@@ -129,6 +129,12 @@ def check_linear(hidden2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         )
 
 
+def _count(index: torch.Tensor, size: int) -> torch.Tensor:
+    """``torch.bincount(index, minlength=size)`` for ``index`` in ``[0, size)``, with a static shape."""
+    ones = torch.ones_like(index)
+    return torch.zeros(size, dtype=index.dtype, device=index.device).index_add_(0, index, ones)
+
+
 def prepare_tokens(
     hidden2d: torch.Tensor,
     labels1d: torch.Tensor,
@@ -141,7 +147,8 @@ def prepare_tokens(
     seqs_name: str,
     count_name: str | None = None,
 ) -> Tokens:
-    """Compacts the valid tokens and validates them, with one host sync for every data-dependent check.
+    """Compacts the valid tokens and validates them, with one host sync for every data-dependent check
+    (none under torch.compile: the checks are asserted on the device, the counts stay there).
 
     Args:
         seq1d: the packed layout's ``seq_index``; None for the padded layout, where row ``r // padded_len``
@@ -166,14 +173,17 @@ def prepare_tokens(
     seqs = rows // padded_len if seq1d is None else seq1d.index_select(0, rows).long()
     bad_seq = ((seqs < 0) | (seqs >= num_seqs)).any()
     bad_target = ((targets < 0) | (targets >= vocab)).any()
-    lengths = torch.bincount(seqs.clamp(0, num_seqs - 1), minlength=num_seqs)
+    lengths = _count(seqs.clamp(0, num_seqs - 1), num_seqs)
     present = []
     if count_name is not None and seq1d is not None:
         every = seq1d.long()
         bad_seq = bad_seq | ((every < -1) | (every >= num_seqs)).any()
         # Tokens of each sequence, labeled or not; -1 and out-of-range values land in the dropped last bin.
         named = torch.where((every < 0) | (every >= num_seqs), num_seqs, every)
-        present = [torch.bincount(named, minlength=num_seqs + 1)[:num_seqs]]
+        present = [_count(named, num_seqs + 1)[:num_seqs]]
+    if torch.compiler.is_compiling():
+        _assert_on_device(bad_seq, bad_target, present, ignore_index)
+        return _tokens(hidden2d, rows, targets, seqs, lengths, None, labels1d, ignore_index, num_seqs)
     host = torch.cat([torch.stack([bad_seq, bad_target]).long(), lengths, *present]).tolist()
     bad_seq, bad_target, counts = host[0], host[1], host[2 : 2 + num_seqs]
     if bad_seq:
@@ -191,6 +201,10 @@ def prepare_tokens(
         )
     if bad_target:
         raise ValueError(f"labels must be ignore_index={ignore_index} or token ids in [0, V={vocab})")
+    return _tokens(hidden2d, rows, targets, seqs, lengths, counts, labels1d, ignore_index, num_seqs)
+
+
+def _tokens(hidden2d, rows, targets, seqs, lengths, counts, labels1d, ignore_index, num_seqs) -> Tokens:  # noqa: ANN001
     return Tokens(
         hidden2d=hidden2d,
         rows=rows,
@@ -199,7 +213,20 @@ def prepare_tokens(
         token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=rows.device),
         lengths=lengths.float(),
         counts=counts,
+        labels=labels1d,
+        ignore_index=ignore_index,
+        num_seqs=num_seqs,
     )
+
+
+def _assert_on_device(bad_seq, bad_target, present, ignore_index) -> None:  # noqa: ANN001
+    """``prepare_tokens``' checks under torch.compile: asserted on the device, without a host sync (the
+    eager path syncs once to raise ``ValueError`` with the details). The messages name no size: a size in
+    them would specialize the compiled graph on it."""
+    torch._assert_async(~bad_seq, "seq_index must lie in [0, S) at every token whose label is not ignored")
+    if present:
+        torch._assert_async((present[0] > 0).all(), "seq_index names no token of some sequence")
+    torch._assert_async(~bad_target, f"labels must be ignore_index={ignore_index} or token ids in [0, V)")
 
 
 def _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index) -> Tokens:  # noqa: ANN001
@@ -224,11 +251,20 @@ def _meta_tokens(hidden2d, labels1d, seq1d, padded_len, num_seqs, ignore_index) 
         token_weights=torch.ones(rows.shape[0], dtype=torch.float32, device=device),
         lengths=torch.tensor(counts, dtype=torch.float32, device=device),
         counts=counts,
+        labels=labels1d,
+        ignore_index=ignore_index,
+        num_seqs=num_seqs,
     )
 
 
 def check_lengths(tokens: Tokens, reasons: list[str]) -> None:
     """Raises ``ValueError`` if a sequence has no valid token while ``reasons`` divide by its length."""
+    if tokens.counts is None:  # torch.compile: checked on the device
+        if reasons:
+            torch._assert_async(
+                (tokens.lengths > 0).all(), f"a sequence has no valid label, but {reasons} divide by it"
+            )
+        return
     missing = [s for s, n in enumerate(tokens.counts) if n == 0]
     if missing and reasons:
         raise ValueError(
@@ -243,15 +279,20 @@ def reduce_tokens(values: torch.Tensor, tokens: Tokens, weighted: bool = True) -
     return out.index_add_(0, tokens.seq_index, values * tokens.token_weights if weighted else values)
 
 
-def gather_rows(hidden2d: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-    """The valid tokens' hidden states; no copy when every token is valid."""
-    if tokens.rows.shape[0] == hidden2d.shape[0]:
-        return hidden2d
-    return hidden2d.index_select(0, tokens.rows)
+def _every_row(tokens: Tokens, values: torch.Tensor) -> bool:
+    # Under torch.compile the valid count is data-dependent: unknown, it takes the copying path.
+    return guard_or_false(tokens.rows.shape[0] == values.shape[0])
+
+
+def gather_rows(values: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """The valid tokens' rows of ``values`` (``[N, ...]``); no copy when every token is valid."""
+    if _every_row(tokens, values):
+        return values
+    return values.index_select(0, tokens.rows)
 
 
 def scatter_rows(values: torch.Tensor, hidden2d: torch.Tensor, tokens: Tokens) -> torch.Tensor:
     """``values`` of the valid tokens placed back at their rows of ``hidden2d``, zeros elsewhere."""
-    if tokens.rows.shape[0] == hidden2d.shape[0]:
+    if _every_row(tokens, hidden2d):
         return values
     return values.new_zeros((hidden2d.shape[0], *values.shape[1:])).index_copy_(0, tokens.rows, values)

@@ -18,10 +18,16 @@ from __future__ import annotations
 import torch
 
 from fastdpo.metarun import autocast_off
-from fastdpo.ops._head_chunked import chunked_backward, chunked_forward, dz_scale
+from fastdpo.ops._head_chunked import chunk_shape, chunked_backward, chunked_forward, dz_scale
 from fastdpo.ops._head_common import Partials, TokenStats, combine_partials
 
-__all__ = ["logprobs_backward", "logprobs_forward", "logprobs_partials"]
+__all__ = [
+    "backward_workspace_bytes",
+    "forward_workspace_bytes",
+    "logprobs_backward",
+    "logprobs_forward",
+    "logprobs_partials",
+]
 
 
 def logprobs_partials(
@@ -155,3 +161,54 @@ def logprobs_backward(
         dw.to(weight.dtype) if needs[1] else None,
         db.to(bias.dtype) if needs[2] else None,
     )
+
+
+def _head_chunk(m: int, v: int, d: int, hidden_dtype, weight_dtype, compute_dtype, backend: str) -> int:
+    """Bytes one chunk of the chunked impl holds: the logits buffer, the chunk's casts, the torch fold's
+    fp32 copy of the tile (``_head_chunked``)."""
+    cm, cv = chunk_shape(m, v, torch.device("meta"))
+    size = compute_dtype.itemsize
+    total = cm * cv * size
+    total += cm * d * size if hidden_dtype != compute_dtype else 0
+    total += cv * d * size if weight_dtype != compute_dtype else 0
+    return total + (cm * cv * 4 if backend == "torch" else 0)
+
+
+def forward_workspace_bytes(m, n, d, v, hidden_dtype, weight_dtype, compute_dtype, *, backend, impl, stats):
+    """The bytes :func:`logprobs_forward` and the op's compaction hold beside the op's ``[N]`` outputs.
+
+    ``m`` valid of ``n`` rows: the compacted hidden copy (none when every row is valid), then the fused
+    kernel's fp32 partials (one vocab split, as on meta: the split count follows the SM count and adds
+    O(M) fp32 per split) or the chunked impl's running state and one chunk.
+    """
+    k = 7 if stats else 2
+    total = m * d * hidden_dtype.itemsize if m < n else 0
+    if m == 0:
+        return total
+    if backend == "triton" and impl == "fused":
+        return total + k * m * 4
+    return total + k * m * 4 + _head_chunk(m, v, d, hidden_dtype, weight_dtype, compute_dtype, backend)
+
+
+def backward_workspace_bytes(m, n, d, v, hidden_dtype, weight_dtype, compute_dtype, *, backend, impl, needs):
+    """The bytes :func:`logprobs_backward` and the op's compaction hold at their peak, less the op's outputs
+    (a tracker sees those anyway), for ``m`` valid of ``n`` rows and a bias in weight's dtype.
+
+    Three moments: while the chunks run (the compacted rows, grad and lse, the fp32 accumulators, one
+    chunk); while the accumulators are cast to the inputs' dtypes; and while the compacted ``dH`` is
+    scattered into the ``[N, D]`` output (the accumulators are gone by then).
+    """
+    compact = m < n
+    need_dh, need_dw, need_db = needs
+    hs, ws = hidden_dtype.itemsize, weight_dtype.itemsize
+    rows = m * d * hs + 2 * m * 4 if compact else 0
+    acc = (m * d * 4 if need_dh else 0) + (v * d * 4 if need_dw else 0) + (v * 4 if need_db else 0)
+    cast = m * d * hs if need_dh and hidden_dtype != torch.float32 else 0  # fp32 gradients are not copied
+    if weight_dtype != torch.float32:
+        cast += (v * d * ws if need_dw else 0) + (v * ws if need_db else 0)
+    chunk = 0
+    if m and not (backend == "triton" and impl == "fused"):
+        chunk = _head_chunk(m, v, d, hidden_dtype, weight_dtype, compute_dtype, backend)
+    outputs = (n * d * hs if need_dh else 0) + (v * d * ws if need_dw else 0) + (v * ws if need_db else 0)
+    scatter = outputs + (m * d * hs if need_dh and compact else 0)
+    return max(0, max(rows + acc + chunk, rows + acc + cast, scatter) - outputs)

@@ -256,6 +256,8 @@ def dz_scale(grad: torch.Tensor, temperature: float, compute_dtype: torch.dtype)
     """A power of two that lifts fp16 dz clear of underflow (1.0 for other dtypes)."""
     if compute_dtype != torch.float16 or grad.numel() == 0 or grad.is_meta:
         return 1.0
+    # One host sync per fp16 backward: the scale is a host float the kernels and folds take as an
+    # argument. It runs inside the head's backward op, which torch.compile does not trace into.
     peak = grad.abs().max().item() / temperature
     # A non-finite gradient has no scale to lift; it goes through unscaled and poisons dz as it should.
     if peak == 0 or not math.isfinite(peak):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpo.ops._grad_inside import grad_inside_op
 from fastdpo.ops.linear_logprobs import resolve_backend
 
 __all__ = [
@@ -180,6 +181,35 @@ def _kl_value(kl: torch.Tensor, config: KTOLossConfig, like: torch.Tensor) -> to
     return value if config.uses_kl else torch.zeros_like(value)
 
 
+@torch.library.custom_op("fastdpo::kto_loss_torch", mutates_args=())
+def _torch_op(
+    policy: torch.Tensor,
+    ref: torch.Tensor | None,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    loss_type: str,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(losses, coefs, rewards)``, ``[S]`` each in policy's dtype."""
+    config = KTOLossConfig(loss_type, beta, desirable_weight, undesirable_weight)
+    num_seqs = policy.numel()
+    ref_values = torch.zeros_like(policy) if ref is None else ref.to(policy.dtype)
+    kl_used = _kl_value(kl, config, policy)
+    with grad_inside_op():
+        leaf = policy.detach().clone().requires_grad_(True)
+        losses = _kto_losses(leaf, ref_values, desirable, kl_used, config)
+        (coefs,) = torch.autograd.grad(losses.sum() / num_seqs, leaf)
+    poison = _poison(policy, ref_values, kl_used)
+    return losses.detach() + poison, coefs + poison, config.beta * (policy - ref_values)
+
+
+@_torch_op.register_fake
+def _(policy, ref, desirable, kl, *config):  # noqa: ANN001, ANN002, ANN202
+    return torch.empty_like(policy), torch.empty_like(policy), torch.empty_like(policy)
+
+
 def kto_loss_torch(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor | None,
@@ -190,6 +220,7 @@ def kto_loss_torch(
     """KTO losses as TRL writes them in PyTorch; the coefficients come from autograd on ``[S]`` values.
 
     Runs in the dtype of ``policy_logps`` (float64 works), so it doubles as the reference of the kernel.
+    The op ``fastdpo::kto_loss_torch``.
 
     Args:
         policy_logps: ``[S]`` policy sequence log-probs.
@@ -201,19 +232,52 @@ def kto_loss_torch(
     Returns:
         A ``KTOSequenceLosses``; no tensor in it requires grad.
     """
-    num_seqs = _check_inputs(policy_logps, ref_logps, desirable, kl)
-    leaf = policy_logps.detach().clone().requires_grad_(True)
-    ref = torch.zeros_like(leaf) if ref_logps is None else ref_logps.detach().to(leaf.dtype)
-    kl_used = _kl_value(kl, config, leaf)
-    with torch.enable_grad():
-        losses = _kto_losses(leaf, ref, desirable, kl_used, config)
-        (coefs,) = torch.autograd.grad(losses.sum() / num_seqs, leaf)
-    poison = _poison(leaf.detach(), ref, kl_used)
-    return KTOSequenceLosses(
-        losses=losses.detach() + poison,
-        coefs=coefs + poison,
-        rewards=config.beta * (leaf.detach() - ref),
-    )
+    _check_inputs(policy_logps, ref_logps, desirable, kl)
+    c = config
+    losses, coefs, rewards = _torch_op(
+        policy_logps.detach(), None if ref_logps is None else ref_logps.detach(), desirable, kl.detach(),
+        c.loss_type, float(c.beta), float(c.desirable_weight), float(c.undesirable_weight),
+    )  # fmt: skip
+    return KTOSequenceLosses(losses=losses, coefs=coefs, rewards=rewards)
+
+
+@torch.library.triton_op("fastdpo::kto_loss_triton", mutates_args=())
+def _triton_op(
+    policy: torch.Tensor,
+    ref: torch.Tensor | None,
+    desirable: torch.Tensor,
+    kl: torch.Tensor,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(losses, coefs, rewards)``, fp32 ``[S]`` each, one kernel launch; ``kl`` is read on the device."""
+    import triton
+    from torch.library import wrap_triton
+
+    from fastdpo.kernels.kto_loss import _kto_loss_fwd_kernel
+
+    num_seqs = policy.shape[0]
+    device = policy.device
+    policy = policy.float().contiguous()
+    ref_values = policy if ref is None else ref.float().contiguous()
+    labels = desirable.to(device=device, dtype=torch.int8).contiguous()
+    losses = torch.empty(num_seqs, dtype=torch.float32, device=device)
+    coefs = torch.empty(num_seqs, dtype=torch.float32, device=device)
+    rewards = torch.empty(num_seqs, dtype=torch.float32, device=device)
+    block = min(1024, triton.next_power_of_2(num_seqs))
+    wrap_triton(_kto_loss_fwd_kernel)[(triton.cdiv(num_seqs, block),)](
+        policy, ref_values, labels, kl.float().reshape(1).contiguous(), losses, coefs, rewards, num_seqs,
+        1.0 / num_seqs, beta, desirable_weight, undesirable_weight, HAS_REFERENCE=ref is not None,
+        BLOCK_SIZE=block, num_warps=4,
+    )  # fmt: skip
+    return losses, coefs, rewards
+
+
+@_triton_op.register_fake
+def _(policy, ref, desirable, kl, *config):  # noqa: ANN001, ANN002, ANN202
+    seqs = policy.new_empty(policy.shape[0], dtype=torch.float32)
+    return seqs, torch.empty_like(seqs), torch.empty_like(seqs)
 
 
 def kto_loss_triton(
@@ -225,6 +289,8 @@ def kto_loss_triton(
 ) -> KTOSequenceLosses:
     """The KTO losses in one launch of ``_kto_loss_fwd_kernel`` (fp32).
 
+    The op ``fastdpo::kto_loss_triton`` (a ``triton_op``: torch.compile traces into its launch).
+
     Args:
         policy_logps: ``[S]`` policy sequence log-probs.
         ref_logps: ``[S]`` reference log-probs, or ``None`` for zeros.
@@ -235,37 +301,13 @@ def kto_loss_triton(
     Returns:
         A ``KTOSequenceLosses`` in fp32.
     """
-    import triton
-
-    from fastdpo.kernels.kto_loss import _kto_loss_fwd_kernel
-
-    num_seqs = _check_inputs(policy_logps, ref_logps, desirable, kl)
-    device = policy_logps.device
-    policy = policy_logps.detach().float().contiguous()
-    ref = policy if ref_logps is None else ref_logps.detach().float().contiguous()
-    labels = desirable.to(device=device, dtype=torch.int8).contiguous()
-    kl_used = _kl_value(kl, config, policy).reshape(1).contiguous()
-    losses = torch.empty(num_seqs, dtype=torch.float32, device=device)
-    coefs = torch.empty(num_seqs, dtype=torch.float32, device=device)
-    rewards = torch.empty(num_seqs, dtype=torch.float32, device=device)
-    block = min(1024, triton.next_power_of_2(num_seqs))
-    _kto_loss_fwd_kernel[(triton.cdiv(num_seqs, block),)](
-        policy,
-        ref,
-        labels,
-        kl_used,
-        losses,
-        coefs,
-        rewards,
-        num_seqs,
-        1.0 / num_seqs,
-        float(config.beta),
-        float(config.desirable_weight),
+    _check_inputs(policy_logps, ref_logps, desirable, kl)
+    policy = policy_logps.detach()
+    losses, coefs, rewards = _triton_op(
+        policy, None if ref_logps is None else ref_logps.detach(), desirable,
+        _kl_value(kl, config, policy.float()), float(config.beta), float(config.desirable_weight),
         float(config.undesirable_weight),
-        HAS_REFERENCE=ref_logps is not None,
-        BLOCK_SIZE=block,
-        num_warps=4,
-    )
+    )  # fmt: skip
     return KTOSequenceLosses(losses=losses, coefs=coefs, rewards=rewards)
 
 

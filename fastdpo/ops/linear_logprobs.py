@@ -14,8 +14,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fastdpo.metarun import autocast_dtype
-from fastdpo.ops._head import logprobs_backward, logprobs_forward
+from fastdpo.metarun import autocast_dtype, host_values, planning_for
+from fastdpo.ops._head import (
+    backward_workspace_bytes,
+    forward_workspace_bytes,
+    logprobs_backward,
+    logprobs_forward,
+)
 from fastdpo.ops._head_common import (
     IGNORE_INDEX,
     LogprobsWithStats,
@@ -36,6 +41,8 @@ __all__ = [
     "TokenStats",
     "filter_threshold",
     "linear_logprobs",
+    "linear_logprobs_bwd",
+    "linear_logprobs_fwd",
     "logprobs_backward",
     "logprobs_forward",
     "resolve_backend",
@@ -44,56 +51,173 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd and the public op
+# The registered ops: fastdpo::linear_logprobs_fwd / linear_logprobs_bwd, their fakes and autograd
 # --------------------------------------------------------------------------------------------------
 
 
-def _scatter_rows(values: torch.Tensor, valid_rows: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, device=values.device, dtype=values.dtype)
-    return out.index_copy_(0, valid_rows, values)
+def _valid_rows(targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, bool]:
+    # One host sync (on CUDA), inside the op: nonzero sizes the compacted rows, so the op's outputs keep
+    # the static shape [N] and torch.compile sees no data-dependent shape.
+    rows = (targets != ignore_index).nonzero()[:, 0]
+    return rows, rows.numel() != targets.shape[0]
 
 
-class LinearLogprobsFunction(torch.autograd.Function):
-    """Autograd node for :func:`linear_logprobs`; saves only hidden's valid-row indices and the lse.
+def _rows_out(values: torch.Tensor, rows: torch.Tensor, n: int, compact: bool) -> torch.Tensor:
+    """``[N]`` values of every row, zeros at ignored ones; a fresh tensor (an op's output is no view)."""
+    if compact:
+        return torch.zeros(n, device=values.device, dtype=values.dtype).index_copy_(0, rows, values)
+    return values.clone() if values._base is not None else values
 
-    Returns the log-probs, followed by the four statistics when requested (no gradient).
+
+@torch.library.custom_op("fastdpo::linear_logprobs_fwd", mutates_args=())
+def linear_logprobs_fwd(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    filter_eps: float,
+    backend: str,
+    impl: str,
+    stats: bool,
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """``z.log_softmax(-1)[targets]`` and ``z.logsumexp(-1)``, ``z = cap(hidden @ weight.T + bias) / T``.
+
+    Each output is ``[N]`` with 0 at ignored rows: the log-probs, the log-sum-exp, the four
+    :class:`TokenStats` (``[]`` without ``stats``), and an empty workspace (see the fake). ``filter_eps`` is
+    the backward's (see :func:`linear_logprobs`), an argument here for the autograd.
+
+    A custom op, not a ``triton_op``: beside its launches it compacts rows by data, runs ``torch.mm`` and
+    picks launch configs by compiling (``ctas_per_sm``) or timing, none of which a trace can follow.
     """
+    n = targets.shape[0]
+    rows, compact = _valid_rows(targets, ignore_index)
+    h = hidden.index_select(0, rows) if compact else hidden
+    tgt = (targets.index_select(0, rows) if compact else targets).long()
+    result = logprobs_forward(
+        h, weight, bias, tgt, temperature=temperature, softcap=softcap, backend=backend, impl=impl,
+        stats=stats, compute_dtype=compute_dtype,
+    )  # fmt: skip
+    extra = [_rows_out(x, rows, n, compact) for x in result[2]] if stats else []
+    logp, lse = (_rows_out(x, rows, n, compact) for x in result[:2])
+    return logp, lse, extra, hidden.new_empty(0, dtype=torch.uint8)
 
-    @staticmethod
-    def forward(ctx, hidden2d, weight, bias, targets1d, ignore_index, opts):
-        temperature, softcap, filter_eps, backend, impl, stats, compute_dtype = opts
-        valid_rows = (targets1d != ignore_index).nonzero()[:, 0]
-        compact = valid_rows.numel() != targets1d.numel()
-        h = hidden2d.index_select(0, valid_rows) if compact else hidden2d
-        tgt = targets1d.index_select(0, valid_rows) if compact else targets1d.contiguous()
-        result = logprobs_forward(
-            h, weight, bias, tgt, temperature=temperature, softcap=softcap, backend=backend, impl=impl,
-            stats=stats, compute_dtype=compute_dtype,
-        )  # fmt: skip
-        n = targets1d.shape[0]
-        ctx.save_for_backward(hidden2d, weight, bias, tgt, result[1], valid_rows)
-        ctx.compact = compact
-        ctx.opts = opts
-        out = _scatter_rows(result[0], valid_rows, n)
-        if not stats:
-            return out
-        extra = tuple(_scatter_rows(x, valid_rows, n) for x in result[2])
-        ctx.mark_non_differentiable(*extra)
-        return (out, *extra)
 
-    @staticmethod
-    def backward(ctx, grad_out, *_):
-        hidden2d, weight, bias, tgt, lse, valid_rows = ctx.saved_tensors
-        temperature, softcap, filter_eps, backend, impl, _, compute_dtype = ctx.opts
-        h = hidden2d.index_select(0, valid_rows) if ctx.compact else hidden2d
-        dh, dw, db = logprobs_backward(
-            grad_out.index_select(0, valid_rows), h, weight, bias, tgt, lse,
-            temperature=temperature, softcap=softcap, filter_eps=filter_eps, backend=backend, impl=impl,
-            needs_input_grad=ctx.needs_input_grad[:3], compute_dtype=compute_dtype,
+def _planned_rows(targets: torch.Tensor, ignore_index: int) -> int:
+    """Valid rows on a planning run: as the targets' remembered values say, else all (an upper bound)."""
+    values = host_values(targets)
+    return targets.shape[0] if values is None else int((values != ignore_index).sum())
+
+
+def _workspace(like: torch.Tensor, nbytes) -> torch.Tensor:  # noqa: ANN001
+    # The real op's temporaries, as one output the public wrappers drop: a live-bytes tracker sees only an
+    # op's outputs. Only a plan for CUDA adds them; the real CPU op returns none, and a CPU plan must
+    # equal the CPU step a tracker measures.
+    return like.new_empty(nbytes if planning_for() == "cuda" else 0, dtype=torch.uint8)
+
+
+@linear_logprobs_fwd.register_fake
+def _(hidden, weight, bias, targets, ignore_index, temperature, softcap, filter_eps, backend, impl, stats,
+      compute_dtype):  # noqa: ANN001, ANN202  # fmt: skip
+    n, (v, d) = targets.shape[0], weight.shape
+    rows = hidden.new_empty(n, dtype=torch.float32)
+    extra = []
+    if stats:
+        argmax = torch.empty_like(rows, dtype=torch.bool)
+        extra = [torch.empty_like(rows), torch.empty_like(rows), argmax, torch.empty_like(rows)]
+    nbytes = 0
+    if planning_for() == "cuda":
+        m = _planned_rows(targets, ignore_index)
+        nbytes = forward_workspace_bytes(
+            m, n, d, v, hidden.dtype, weight.dtype, compute_dtype, backend=backend, impl=impl, stats=stats
+        )
+    return rows, torch.empty_like(rows), extra, _workspace(hidden, nbytes)
+
+
+@torch.library.custom_op("fastdpo::linear_logprobs_bwd", mutates_args=())
+def linear_logprobs_bwd(
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    temperature: float,
+    softcap: float | None,
+    filter_eps: float,
+    backend: str,
+    impl: str,
+    needs: list[bool],
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.autograd.grad((grad * logp).sum(), (hidden, weight, bias))`` of the forward's ``logp``.
+
+    Returns ``(dhidden [N, D], dweight, dbias, workspace)`` in the inputs' dtypes, an empty tensor for each
+    gradient not in ``needs``; ``lse`` is the forward's ``[N]`` output.
+
+    The valid rows are recomputed from the targets, so the forward saves nothing ``[M]``-shaped.
+    """
+    rows, compact = _valid_rows(targets, ignore_index)
+    pick = (lambda t: t.index_select(0, rows)) if compact else (lambda t: t)
+    dh, dw, db = logprobs_backward(
+        pick(grad), pick(hidden), weight, bias, pick(targets).long(), pick(lse), temperature=temperature,
+        softcap=softcap, filter_eps=filter_eps, backend=backend, impl=impl, needs_input_grad=tuple(needs),
+        compute_dtype=compute_dtype,
+    )  # fmt: skip
+    if dh is not None and compact:
+        dh = torch.zeros_like(hidden).index_copy_(0, rows, dh)
+    # Outputs may not alias each other: a fresh empty tensor for each gradient not needed.
+    return (
+        hidden.new_empty(0) if dh is None else dh,
+        hidden.new_empty(0) if dw is None else dw,
+        hidden.new_empty(0) if db is None else db,
+        hidden.new_empty(0, dtype=torch.uint8),
+    )
+
+
+@linear_logprobs_bwd.register_fake
+def _(grad, hidden, weight, bias, targets, lse, ignore_index, temperature, softcap, filter_eps, backend,
+      impl, needs, compute_dtype):  # noqa: ANN001, ANN202  # fmt: skip
+    n, (v, d) = targets.shape[0], weight.shape
+    need_db = needs[2] and bias is not None
+    nbytes = 0
+    if planning_for() == "cuda":
+        m = _planned_rows(targets, ignore_index)
+        nbytes = backward_workspace_bytes(
+            m, n, d, v, hidden.dtype, weight.dtype, compute_dtype, backend=backend, impl=impl,
+            needs=(needs[0], needs[1], need_db),
         )  # fmt: skip
-        if dh is not None and ctx.compact:
-            dh = torch.zeros_like(hidden2d).index_copy_(0, valid_rows, dh)
-        return dh, dw, db, None, None, None
+    return (
+        torch.empty_like(hidden) if needs[0] else hidden.new_empty(0),
+        torch.empty_like(weight) if needs[1] else hidden.new_empty(0),
+        torch.empty_like(bias) if need_db else hidden.new_empty(0),
+        _workspace(hidden, nbytes),
+    )
+
+
+def _setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+    hidden, weight, bias, targets, *options = inputs
+    ctx.save_for_backward(hidden, weight, bias, targets, output[1])
+    del options[6]  # stats: no gradient flows through the statistics
+    ctx.options = tuple(options)
+
+
+def _backward(ctx, grad_logp, grad_lse, grad_stats, grad_workspace):  # noqa: ANN001, ANN202
+    hidden, weight, bias, targets, lse = ctx.saved_tensors
+    ignore_index, temperature, softcap, filter_eps, backend, impl, compute_dtype = ctx.options
+    needs = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2] and bias is not None]
+    dh, dw, db, _ = linear_logprobs_bwd(
+        grad_logp.contiguous(), hidden, weight, bias, targets, lse, ignore_index, temperature, softcap,
+        filter_eps, backend, impl, needs, compute_dtype,
+    )  # fmt: skip
+    return (dh if needs[0] else None, dw if needs[1] else None, db if needs[2] else None, *[None] * 9)
+
+
+linear_logprobs_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _validate(hidden, weight, targets, bias, ignore_index, temperature, softcap, amp_dtype):
@@ -140,6 +264,12 @@ def _validate(hidden, weight, targets, bias, ignore_index, temperature, softcap,
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"softcap must be None or > 0, got {softcap}")
+    if torch.compiler.is_compiling():
+        # Under torch.compile the range check stays on the device (no host sync, no data-dependent shape).
+        bad = (targets != ignore_index) & ((targets < 0) | (targets >= weight.shape[0]))
+        torch._assert_async(~bad.any(), "a target is outside [0, V) and is not ignore_index")
+        return
+    # Eager: one host sync, for an error that names the bad target.
     real = targets[targets != ignore_index]
     if real.numel() and (bool((real < 0).any()) or bool((real >= weight.shape[0]).any())):
         bad = real[(real < 0) | (real >= weight.shape[0])][0].item()
@@ -219,10 +349,10 @@ def linear_logprobs(
     eps = filter_threshold(filter_eps, compute_dtype)  # validated on every path, used by the fused one
     eps = eps if fused else 0.0
     cap = None if softcap is None else float(softcap)
-    opts = (float(temperature), cap, eps, chosen, chosen_impl, bool(stats), compute_dtype)
-    out = LinearLogprobsFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).long(), ignore_index, opts
-    )
+    logp, _, extra, _ = linear_logprobs_fwd(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).long(), int(ignore_index),
+        float(temperature), cap, eps, chosen, chosen_impl, bool(stats), compute_dtype,
+    )  # fmt: skip
     if not stats:
-        return out.reshape(targets.shape)
-    return LogprobsWithStats(*(x.reshape(targets.shape) for x in out))
+        return logp.reshape(targets.shape)
+    return LogprobsWithStats(*(x.reshape(targets.shape) for x in (logp, *extra)))

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from fastdpo.ops._grad_inside import grad_inside_op
 from fastdpo.ops.linear_logprobs import resolve_backend
 
 __all__ = [
@@ -295,6 +296,49 @@ def _poison(policy_logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor
     return chosen + rejected
 
 
+@torch.library.custom_op("fastdpo::preference_loss_torch", mutates_args=())
+def _torch_op(
+    policy: torch.Tensor,
+    ref: torch.Tensor | None,
+    lengths: torch.Tensor,
+    loss_types: str,
+    loss_weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    simpo_gamma: float,
+    f_divergence_type: str,
+    f_alpha_divergence_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(losses [B], coefs [2B], rewards [2B], log_odds [B] or [0])`` in policy's dtype.
+
+    ``loss_types`` are comma-separated, possibly none (a schema has no list of strings).
+    """
+    config = PreferenceLossConfig(
+        tuple(t for t in loss_types.split(",") if t), tuple(loss_weights), beta, label_smoothing,
+        discopop_tau, simpo_gamma, f_divergence_type, f_alpha_divergence_coef,
+    )  # fmt: skip
+    num_pairs = policy.numel() // 2
+    with grad_inside_op():
+        leaf = policy.detach().clone().requires_grad_(True)
+        losses, rewards, log_odds = _pair_losses(leaf, ref, lengths, config)
+        if losses.requires_grad:
+            (coefs,) = torch.autograd.grad(losses.sum() / num_pairs, leaf)
+        else:
+            coefs = torch.zeros_like(leaf)
+    ref_values = torch.zeros_like(policy) if ref is None else ref.to(policy.dtype)
+    coefs = coefs + _poison(policy, ref_values).repeat(2)
+    log_odds = policy.new_empty(0) if log_odds is None else log_odds.detach()
+    return losses.detach(), coefs, rewards.detach(), log_odds
+
+
+@_torch_op.register_fake
+def _(policy, ref, lengths, loss_types, loss_weights, *config):  # noqa: ANN001, ANN002, ANN202
+    num_pairs = policy.shape[0] // 2
+    log_odds = policy.new_empty(num_pairs if "orpo" in loss_types.split(",") else 0)
+    return policy.new_empty(num_pairs), torch.empty_like(policy), torch.empty_like(policy), log_odds
+
+
 def preference_loss_torch(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor | None,
@@ -304,6 +348,7 @@ def preference_loss_torch(
     """Pair losses as TRL writes them in PyTorch; the coefficients come from autograd on ``[2B]`` values.
 
     Runs in the dtype of ``policy_logps`` (float64 works), so it doubles as the reference of the kernel.
+    The op ``fastdpo::preference_loss_torch``.
 
     Args:
         policy_logps: ``[2B]`` policy sequence log-probs (chosen then rejected).
@@ -314,23 +359,65 @@ def preference_loss_torch(
     Returns:
         A ``PairLossOutput``; no tensor in it requires grad.
     """
-    num_pairs = _check_inputs(policy_logps, ref_logps, lengths)
-    with torch.enable_grad():
-        leaf = policy_logps.detach().clone().requires_grad_(True)
-        ref = None if ref_logps is None else ref_logps.detach()
-        losses, rewards, log_odds = _pair_losses(leaf, ref, lengths.detach(), config)
-        if losses.requires_grad:
-            (coefs,) = torch.autograd.grad(losses.sum() / num_pairs, leaf)
-        else:
-            coefs = torch.zeros_like(leaf)
-    ref_values = torch.zeros_like(leaf) if ref is None else ref.to(leaf.dtype)
-    coefs = coefs + _poison(leaf.detach(), ref_values).repeat(2)
-    return PairLossOutput(
-        losses=losses.detach(),
-        coefs=coefs,
-        rewards=rewards.detach(),
-        log_odds=None if log_odds is None else log_odds.detach(),
-    )
+    _check_inputs(policy_logps, ref_logps, lengths)
+    c = config
+    losses, coefs, rewards, log_odds = _torch_op(
+        policy_logps.detach(), None if ref_logps is None else ref_logps.detach(), lengths.detach(),
+        ",".join(c.loss_types), [float(w) for w in c.loss_weights], float(c.beta), float(c.label_smoothing),
+        float(c.discopop_tau), float(c.simpo_gamma), c.f_divergence_type, float(c.f_alpha_divergence_coef),
+    )  # fmt: skip
+    has_orpo = "orpo" in config.loss_types
+    return PairLossOutput(losses, coefs, rewards, log_odds if has_orpo else None)
+
+
+@torch.library.triton_op("fastdpo::preference_loss_triton", mutates_args=())
+def _triton_op(
+    policy: torch.Tensor,
+    ref: torch.Tensor | None,
+    lengths: torch.Tensor,
+    loss_mask: int,
+    weights: list[float],
+    beta: float,
+    label_smoothing: float,
+    discopop_tau: float,
+    simpo_gamma: float,
+    f_alpha_divergence_coef: float,
+    f_divergence: int,
+    has_orpo: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(losses [B], coefs [2B], rewards [2B], log_odds [B] or [1])`` in fp32, one kernel launch."""
+    import triton
+    from torch.library import wrap_triton
+
+    from fastdpo.kernels.preference_loss import _preference_loss_fwd_kernel
+
+    num_pairs = policy.shape[0] // 2
+    device = policy.device
+    policy = policy.float().contiguous()
+    ref_values = policy if ref is None else ref.float().contiguous()
+    # One weight per kernel loss bit: a host-to-device copy of 14 floats, no device sync.
+    weight_values = torch.tensor(weights, dtype=torch.float32, device=device)
+    losses = torch.empty(num_pairs, dtype=torch.float32, device=device)
+    coefs = torch.empty(2 * num_pairs, dtype=torch.float32, device=device)
+    rewards = torch.empty(2 * num_pairs, dtype=torch.float32, device=device)
+    log_odds = torch.empty(num_pairs if has_orpo else 1, dtype=torch.float32, device=device)
+    block = min(1024, triton.next_power_of_2(num_pairs))
+    wrap_triton(_preference_loss_fwd_kernel)[(triton.cdiv(num_pairs, block),)](
+        policy, ref_values, lengths.float().contiguous(), weight_values, losses, coefs, rewards, log_odds,
+        num_pairs, 1.0 / num_pairs, beta, label_smoothing, discopop_tau, simpo_gamma, f_alpha_divergence_coef,
+        LOSS_TYPES=loss_mask, F_DIVERGENCE=f_divergence, HAS_REFERENCE=ref is not None, BLOCK_SIZE=block,
+        num_warps=4,
+    )  # fmt: skip
+    return losses, coefs, rewards, log_odds
+
+
+@_triton_op.register_fake
+def _(policy, ref, lengths, loss_mask, weights, *config):  # noqa: ANN001, ANN002, ANN202
+    num_pairs, has_orpo = policy.shape[0] // 2, config[-1]
+    pairs = policy.new_empty(num_pairs, dtype=torch.float32)
+    seqs = policy.new_empty(2 * num_pairs, dtype=torch.float32)
+    log_odds = policy.new_empty(num_pairs if has_orpo else 1, dtype=torch.float32)
+    return pairs, seqs, torch.empty_like(seqs), log_odds
 
 
 def preference_loss_triton(
@@ -341,6 +428,8 @@ def preference_loss_triton(
 ) -> PairLossOutput:
     """The elementwise pair losses of ``config`` in one launch of ``_preference_loss_fwd_kernel`` (fp32).
 
+    The op ``fastdpo::preference_loss_triton`` (a ``triton_op``: torch.compile traces into its launch).
+
     Args:
         policy_logps: ``[2B]`` policy sequence log-probs (chosen then rejected).
         ref_logps: ``[2B]`` reference log-probs, or ``None`` for reference-free.
@@ -350,55 +439,23 @@ def preference_loss_triton(
     Returns:
         A ``PairLossOutput`` in fp32.
     """
-    import triton
-
-    from fastdpo.kernels.preference_loss import _preference_loss_fwd_kernel
-
-    num_pairs = _check_inputs(policy_logps, ref_logps, lengths)
+    _check_inputs(policy_logps, ref_logps, lengths)
     not_fused = [t for t in config.loss_types if t not in KERNEL_LOSS_BITS]
     if not_fused:
         raise ValueError(f"loss types {not_fused} have no kernel; expected only {list(KERNEL_LOSS_BITS)}")
-    device = policy_logps.device
     mask = 0
-    weights = torch.zeros(len(KERNEL_LOSS_BITS), dtype=torch.float32)
+    weights = [0.0] * len(KERNEL_LOSS_BITS)
     for loss_type, weight in zip(config.loss_types, config.loss_weights, strict=True):
         mask |= 1 << KERNEL_LOSS_BITS[loss_type]
-        weights[KERNEL_LOSS_BITS[loss_type]] = weight
-    weights = weights.to(device)
-    policy = policy_logps.detach().float().contiguous()
-    ref = policy if ref_logps is None else ref_logps.detach().float().contiguous()
-    lens = lengths.detach().float().contiguous()
-    losses = torch.empty(num_pairs, dtype=torch.float32, device=device)
-    coefs = torch.empty(2 * num_pairs, dtype=torch.float32, device=device)
-    rewards = torch.empty(2 * num_pairs, dtype=torch.float32, device=device)
+        weights[KERNEL_LOSS_BITS[loss_type]] = float(weight)
     has_orpo = "orpo" in config.loss_types
-    log_odds = torch.empty(num_pairs if has_orpo else 1, dtype=torch.float32, device=device)
-    block = min(1024, triton.next_power_of_2(num_pairs))
-    _preference_loss_fwd_kernel[(triton.cdiv(num_pairs, block),)](
-        policy,
-        ref,
-        lens,
-        weights,
-        losses,
-        coefs,
-        rewards,
-        log_odds,
-        num_pairs,
-        1.0 / num_pairs,
-        float(config.beta),
-        float(config.label_smoothing),
-        float(config.discopop_tau),
-        float(config.simpo_gamma),
-        float(config.f_alpha_divergence_coef),
-        LOSS_TYPES=mask,
-        F_DIVERGENCE=F_DIVERGENCE_TYPES[config.effective_f_divergence],
-        HAS_REFERENCE=ref_logps is not None,
-        BLOCK_SIZE=block,
-        num_warps=4,
-    )
-    return PairLossOutput(
-        losses=losses, coefs=coefs, rewards=rewards, log_odds=log_odds if has_orpo else None
-    )
+    losses, coefs, rewards, log_odds = _triton_op(
+        policy_logps.detach(), None if ref_logps is None else ref_logps.detach(), lengths.detach(), mask,
+        weights, float(config.beta), float(config.label_smoothing), float(config.discopop_tau),
+        float(config.simpo_gamma), float(config.f_alpha_divergence_coef),
+        F_DIVERGENCE_TYPES[config.effective_f_divergence], has_orpo,
+    )  # fmt: skip
+    return PairLossOutput(losses, coefs, rewards, log_odds if has_orpo else None)
 
 
 def preference_loss(
