@@ -9,6 +9,7 @@ Modes (each configuration runs in a fresh subprocess, so an out-of-memory leaves
 GPU:  python benchmarks/bench_trainer.py --mode max-context --csv out/ctx.csv
       python benchmarks/bench_trainer.py --mode throughput --tokens 16384 --csv out/tps.csv
 CPU:  python benchmarks/bench_trainer.py --tiny     (harness check: a tiny model, a few hundred tokens)
+      python benchmarks/bench_trainer.py --small --mode mechanisms --tokens 8192 --steps 4   (CPU timings)
 
 Tokens per step count every packed token (prompt included) of the pairs in one optimizer step. Pairs are
 random words of a word-level tokenizer whose vocabulary matches the model's; no download is needed.
@@ -51,6 +52,7 @@ MECHANISMS = {
     "+ all three": {**_CKPT, "offload_checkpoints": True, "tiled_mlp": True, "lean_norms": True},
 }
 LLAMA31_8B = dict(hidden=4096, layers=32, heads=32, kv_heads=8, intermediate=14336, vocab=128256)
+SMALL = dict(hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1376, vocab=8192)  # CPU timings
 TINY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512)
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -301,7 +303,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--providers", default="fastdpo,trl")
     p.add_argument("--tokens", type=int, action="append", help="tokens per optimizer step (repeatable)")
     p.add_argument("--prompt-frac", type=float, default=0.5, help="prompt share of each sequence")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps (after one warm-up step)")
+    p.add_argument(
+        "--steps", type=int, help="timed optimizer steps after one warm-up step (default 3; 2 with --tiny)"
+    )
     p.add_argument("--offload", action="store_true", help="fastdpo: offload checkpointed activations to CPU")
     p.add_argument(
         "--long-context", action=argparse.BooleanOptionalAction, default=None,
@@ -309,6 +313,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )  # fmt: skip
     p.add_argument("--plan", action="store_true", help="fastdpo rows: also fastdpo plan's peak (planned_gb)")
     p.add_argument("--tiny", action="store_true", help="tiny model and sizes: a CPU check of the harness")
+    p.add_argument("--small", action="store_true", help="a small model (hidden 512, 4 layers): CPU timings")
     p.add_argument("--csv", help="write the rows as CSV here")
     p.add_argument("--_child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -316,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         _child(json.loads(args._child))
         return []
 
-    shape = TINY if args.tiny else LLAMA31_8B
+    shape = TINY if args.tiny else SMALL if args.small else LLAMA31_8B
     defaults = {
         "max-context": [256, 512] if args.tiny else [65536, 131072, 262144, 393216, 524288, 655360, 786432],
         "throughput": [256] if args.tiny else [16384],
@@ -327,7 +332,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     providers = [x for x in args.providers.split(",") if x]
     long_context = args.mode == "max-context" if args.long_context is None else args.long_context
     child_args = dict(
-        steps=2 if args.tiny else args.steps, offload=args.offload, long_context=long_context, plan=args.plan
+        steps=args.steps or (2 if args.tiny else 3),
+        offload=args.offload,
+        long_context=long_context,
+        plan=args.plan,
     )
     rows = []
     for tokens in tokens_list:

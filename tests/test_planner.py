@@ -176,10 +176,10 @@ def test_cli_plan_json_fit_and_trl(tmp_path):
 
 def test_trl_plan_has_none_of_fastdpos_memory_options():
     """Stock TRL is planned as stock TRL runs, whichever of fastdpo's mechanisms the config turns on."""
-    from fastdpo.planner.trl import FASTDPO_ONLY, TRLStepPlanner
+    from fastdpo.planner.trl import NOT_IN_TRL, TRLStepPlanner
 
     plain = TRLStepPlanner(_config(), _model_config(), "cuda").measure(700)
-    every = _config(**dict.fromkeys(set(FASTDPO_ONLY) - {"offload_activations"}, True))
+    every = _config(**dict.fromkeys(set(NOT_IN_TRL) - {"offload_activations"}, True))
     planned = TRLStepPlanner(every, _model_config(), "cuda").measure(700)
     assert (planned.peak_bytes, planned.host_bytes) == (plain.peak_bytes, 0)
 

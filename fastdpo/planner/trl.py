@@ -39,9 +39,9 @@ from fastdpo.planner.step import (
 from fastdpo.train.build import add_lora, build_optimizer, prepare_model
 from fastdpo.train.config import DTYPES, TrainConfig
 
-__all__ = ["FASTDPO_ONLY", "TRLStepPlanner", "plan_trl"]
+__all__ = ["NOT_IN_TRL", "TRLStepPlanner", "plan_trl"]
 
-FASTDPO_ONLY = ("offload_activations", "offload_checkpoints", "tiled_mlp", "lean_norms")
+NOT_IN_TRL = ("offload_activations", "offload_checkpoints", "tiled_mlp", "lean_norms")
 
 
 class _MetaAutocastTorch:
@@ -107,7 +107,7 @@ class TRLStepPlanner:
 
     def __init__(self, config: TrainConfig, model_config: Any, target: str) -> None:
         # Stock TRL has none of fastdpo's memory mechanisms, whatever the fastdpo config turns on.
-        config = dataclasses.replace(config, **dict.fromkeys(FASTDPO_ONLY, False))
+        config = dataclasses.replace(config, **dict.fromkeys(NOT_IN_TRL, False))
         self.config, self.target = config, target
         self.model = _trl_policy(config, model_config)
         self.static = _static_bytes(self.model)
