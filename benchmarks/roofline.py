@@ -30,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aot import DEFAULT_SHAPES, GPU, GPUS, Shape
+from gpu_specs import DEFAULT_SHAPES, GPU, GPUS, Shape
 
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2}
 FP32 = 4

@@ -23,7 +23,8 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
-from aot import ARCHS, DEFAULT_SHAPES, Report, Shape, capture_launches, compile_all, ptxas_available  # noqa: E402
+from aot import Report, capture_launches, compile_all, ptxas_available  # noqa: E402
+from gpu_specs import ARCHS, DEFAULT_SHAPES, Shape  # noqa: E402
 
 # The exit status when the triton wheel ships no ptxas (the gate test skips on it, and only on it).
 NO_PTXAS_EXIT = 3

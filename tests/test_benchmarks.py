@@ -168,3 +168,27 @@ def test_bench_loss_stats_cpu_mode(tmp_path):
     for key in ("fwd_ms", "fwd_stats_ms", "step_stats_ms", "step_old_extra_pass_ms"):
         assert float(row[key]) > 0, key
     float(row["stats_fwd_overhead_pct"]), float(row["step_saved_ms"])  # present and numeric
+
+
+def test_plan_figures_setups_plan_and_fit_a_small_model():
+    """plan_figures' three setups on a small Llama: the options lower fastdpo's peak and put the
+    checkpoints on the host; TRL's plan has none of them; a fit stays within its budget."""
+    from transformers import AutoConfig
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import plan_figures as pf
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    shape = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4)
+    model_config = AutoConfig.for_model("llama", vocab_size=2048, num_key_value_heads=2, **shape)
+    config = pf.base_config(1024 + 512)
+    plans = {setup: pf.planner(setup, config, model_config).measure(8192) for setup in pf.SETUPS}
+    ckpt, long, trl = (plans[s] for s in pf.SETUPS)
+    assert long.peak_bytes < ckpt.peak_bytes and long.host_bytes > 0 == ckpt.host_bytes == trl.host_bytes
+    planner = pf.planner(pf.SETUPS[1], config, model_config)
+    budget = ckpt.peak_bytes
+    best = pf.fit_tokens(planner, 2 * config.max_length, budget)
+    assert (
+        best >= 8192 and planner.measure(best).peak_bytes <= budget < planner.measure(best + 1024).peak_bytes
+    )
