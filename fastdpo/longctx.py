@@ -168,7 +168,7 @@ def tiled_rows(
         ``[..., D_out]``, as ``fn`` returns it.
     """
     if tile_tokens < 0:
-        raise ValueError(f"tile_tokens: expected an int >= 0 (0: auto), got {tile_tokens}")
+        raise ValueError(f"tile_tokens: expected an int >= 0 (0: ALST's rule), got {tile_tokens}")
     n = x.numel() // max(1, x.shape[-1])
     tile = tile_tokens or auto_tile_tokens(x.shape[-1], n)
     return _TiledRows.apply(fn, max(1, tile), x, *params)
@@ -364,7 +364,7 @@ def install_long_context(
             ``tile_tokens < 0``.
     """
     if tile_tokens < 0:
-        raise ValueError(f"tile_tokens: expected an int >= 0 (0: auto), got {tile_tokens}")
+        raise ValueError(f"tile_tokens: expected an int >= 0 (0: ALST's rule), got {tile_tokens}")
     changed = {"mlp": 0, "norm": 0, "offloaded_layers": 0}
     layers = decoder_layers(model)
     if tiled_mlp or lean_norms:

@@ -1,5 +1,7 @@
 """Long-context memory mechanisms: each gives today's numbers (CPU) and shows its effect in the plan."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from fastdpo.longctx import (
     install_long_context,
     tiled_rows,
 )
-from fastdpo.planner.api import plan_memory
+from fastdpo.planner.api import auto_tile_tokens_from_plan, largest_free_tile, plan_memory
 from fastdpo.planner.step import build_policy
 from fastdpo.train.build import build_optimizer
 from fastdpo.train.config import TrainConfig
@@ -84,6 +86,33 @@ def test_auto_tile_tokens_and_bad_tile():
     assert auto_tile_tokens(48, 700) % 64 == 0
     with pytest.raises(ValueError, match="tile_tokens"):
         tiled_rows(torch.nn.Identity(), torch.randn(4, 4), [], -1)
+
+
+def test_largest_free_tile_stops_where_the_peak_rises():
+    peaks = {64: 10, 128: 10, 256: 10, 512: 11, 1024: 10}
+    assert largest_free_tile(peaks.__getitem__, 64, 4096) == 256  # 1024 is not tried past the rise
+    assert largest_free_tile(lambda t: 10, 64, 4096) == 1024  # at most 16x the rule's tile
+    assert largest_free_tile(lambda t: 10, 64, 200) == 128  # and never past the step's rows
+
+
+def test_tile_tokens_auto_is_the_largest_tile_the_plan_finds_free(caplog):
+    """``tile_tokens: auto`` plans the rule's tile and its doublings: the chosen tile's plan is no higher
+    than the rule's, and the next one up (if tried) is higher."""
+    config = _config(tiled_mlp=True, lean_norms=True, tile_tokens="auto")
+    with caplog.at_level("INFO", logger="fastdpo"):
+        chosen = auto_tile_tokens_from_plan(config, "cpu", _model_config()).tile_tokens
+    assert "tile_tokens auto:" in caplog.text
+    base = auto_tile_tokens(TINY["hidden_size"], config.tokens_per_step)
+
+    def peak(tile: int) -> int:
+        planned = dataclasses.replace(config, tile_tokens=tile)
+        return plan_memory(planned, model_config=_model_config(), device="cpu").peak_bytes
+
+    assert chosen % base == 0 and peak(chosen) <= peak(base)
+    if 2 * chosen <= min(16 * base, config.tokens_per_step):
+        assert peak(2 * chosen) > peak(base)
+    with pytest.raises(ValueError, match="tile_tokens"):
+        _config(tile_tokens=-2)
 
 
 def _loss_and_grads(config: TrainConfig):

@@ -18,17 +18,21 @@ from typing import Any
 import torch
 
 from fastdpo.errors import UserError
+from fastdpo.longctx import auto_tile_tokens
 from fastdpo.planner.step import StepMeasure, StepPlanner, fit_tokens
-from fastdpo.train.config import AUTO_TOKENS, TrainConfig
+from fastdpo.train.config import AUTO_TILE, AUTO_TOKENS, TrainConfig
 
 __all__ = [
     "GIB",
     "MemoryPlan",
+    "auto_tile_tokens_from_plan",
     "auto_tokens_per_step",
+    "largest_free_tile",
     "load_model_config",
     "margin_bytes",
     "parse_bytes",
     "plan_memory",
+    "resolve_auto",
 ]
 
 logger = logging.getLogger("fastdpo")
@@ -155,6 +159,7 @@ def plan_memory(
     if fit and memory is None:
         raise UserError("--fit needs the memory to fit: pass --gpu-memory (e.g. 80GiB); no local GPU found")
     margin = margin_bytes(memory, device)
+    config = auto_tile_tokens_from_plan(config, device, model_config)
     planner = _planner(config, model_config, device)
     measure = planner.measure(config.tokens_per_step)
     plan = _plan(measure, device, memory, margin)
@@ -220,3 +225,53 @@ def auto_tokens_per_step(config: TrainConfig, device: torch.device, model_config
         plan.margin_bytes / GIB,
     )
     return dataclasses.replace(config, tokens_per_step=plan.max_tokens_per_step)
+
+
+_TILE_GROWTH = 16  # tile_tokens: auto tries ALST's tile times 1, 2, 4, 8, 16
+
+
+def largest_free_tile(peak_of: Any, base: int, limit: int) -> int:
+    """The largest of ``base * 2**k`` (up to ``16 * base`` and ``limit`` rows) whose ``peak_of(tile)`` is no
+    higher than ``peak_of(base)``: a bigger tile means fewer, fuller matmuls, and while the step's peak falls
+    elsewhere (attention's backward, say) it costs no memory. Stops at the first tile that raises it."""
+    floor, best, tile = peak_of(base), base, 2 * base
+    while tile <= min(limit, _TILE_GROWTH * base) and peak_of(tile) <= floor:
+        best, tile = tile, 2 * tile
+    return best
+
+
+def auto_tile_tokens_from_plan(
+    config: TrainConfig, device: str | torch.device, model_config: Any = None
+) -> TrainConfig:
+    """``config`` with ``tile_tokens: auto`` resolved for a run on ``device`` (its type) by
+    :func:`largest_free_tile`, each tile planned at ``tokens_per_step``; any other ``config`` unchanged."""
+    if config.tile_tokens != AUTO_TILE:
+        return config
+    target = torch.device(device).type
+    model_config = model_config or load_model_config(config.model, trust_remote_code=config.trust_remote_code)
+    tokens = config.tokens_per_step
+
+    def peak_of(tile: int) -> int:
+        return (
+            _planner(dataclasses.replace(config, tile_tokens=tile), model_config, target)
+            .measure(tokens)
+            .peak_bytes
+        )
+
+    base = auto_tile_tokens(model_config.hidden_size, tokens)
+    tile = largest_free_tile(peak_of, base, tokens) if config.tiled_mlp or config.lean_norms else base
+    logger.info(
+        "tile_tokens auto: %d, the largest tile (ALST's rule gives %d) whose planned peak for a %d-token "
+        "step on %s is no higher than with the rule's",
+        tile,
+        base,
+        tokens,
+        target,
+    )
+    return dataclasses.replace(config, tile_tokens=tile)
+
+
+def resolve_auto(config: TrainConfig, device: torch.device, model_config: Any = None) -> TrainConfig:
+    """``config`` with ``tokens_per_step: auto`` (CUDA only), then ``tile_tokens: auto``, resolved."""
+    config = auto_tokens_per_step(config, device, model_config)
+    return auto_tile_tokens_from_plan(config, device, model_config)

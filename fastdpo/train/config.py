@@ -22,7 +22,15 @@ from fastdpo.losses import LOSS_TYPES
 from fastdpo.losses.kto import KTO_LOSS_TYPES
 from fastdpo.modeling import ATTN_BACKENDS
 
-__all__ = ["AUTO_TOKENS", "DTYPES", "REFERENCE_MODES", "TrainConfig", "read_yaml", "resume_changes"]
+__all__ = [
+    "AUTO_TILE",
+    "AUTO_TOKENS",
+    "DTYPES",
+    "REFERENCE_MODES",
+    "TrainConfig",
+    "read_yaml",
+    "resume_changes",
+]
 
 REFERENCE_MODES = ("precompute", "model", "adapter", "none")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -96,6 +104,8 @@ def _opt(default: Any, help: str) -> Any:
 
 # tokens_per_step: auto, resolved when the run starts (fastdpo.planner.api.auto_tokens_per_step).
 AUTO_TOKENS = 0
+# tile_tokens: auto, resolved when the run starts (fastdpo.planner.api.auto_tile_tokens_from_plan).
+AUTO_TILE = -1
 
 
 @dataclass
@@ -145,7 +155,9 @@ class TrainConfig:
         "never covers the whole sequence",
     )
     tile_tokens: int = _opt(
-        0, "tokens a tile of tiled_mlp / lean_norms; 0: auto, ceil(N / hidden_size) tiles of whole 64s"
+        0,
+        "tokens a tile of tiled_mlp / lean_norms; 0: ceil(N / hidden_size) tiles of whole 64s (ALST's rule); "
+        "auto: the largest tile, up to 16x that one, whose planned peak is no higher (fastdpo plan)",
     )
     fused_adamw: bool = _opt(
         True, "AdamW(fused=True) where the installed torch has the fused kernel for the device, else foreach"
@@ -287,7 +299,7 @@ class TrainConfig:
             "offload_checkpoints",
             "false with offload_activations, which already moves every saved tensor to CPU",
         )
-        check(self.tile_tokens >= 0, "tile_tokens", "an int >= 0 (0: auto)")
+        check(self.tile_tokens >= AUTO_TILE, "tile_tokens", "auto or an int >= 0 (0: ALST's rule)")
         check(
             not (self.tiled_mlp or self.lean_norms) or self.lora_dropout == 0,
             "lora_dropout",
@@ -356,8 +368,12 @@ class TrainConfig:
 
 def _coerce(name: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint``; strings (command line, YAML's ``1e-5``) are parsed."""
-    if name == "tokens_per_step" and isinstance(value, str) and value.strip().lower() == "auto":
-        return AUTO_TOKENS
+    if (
+        name in ("tokens_per_step", "tile_tokens")
+        and isinstance(value, str)
+        and value.strip().lower() == "auto"
+    ):
+        return AUTO_TOKENS if name == "tokens_per_step" else AUTO_TILE
     args = typing.get_args(hint)
     if type(None) in args:
         if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):

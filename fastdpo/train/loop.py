@@ -48,7 +48,7 @@ from fastdpo.train.build import (
     warn_max_length,
 )
 from fastdpo.train.checkpoints import RunCheckpoints, check_resume, find_resume
-from fastdpo.train.config import AUTO_TOKENS, DTYPES, TrainConfig
+from fastdpo.train.config import AUTO_TILE, AUTO_TOKENS, DTYPES, TrainConfig
 from fastdpo.train.forward import PackedForward
 from fastdpo.train.health import RunHealth, applied
 from fastdpo.train.kto import UnpairedForward, build_kto_loss, load_unpaired_splits
@@ -117,10 +117,10 @@ class Trainer:
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else self.out_dir / "cache"
         seed_everything(cfg.seed)
         self.device = resolve_device(cfg, self.dist)
-        if cfg.tokens_per_step == AUTO_TOKENS:
-            from fastdpo.planner.api import auto_tokens_per_step
+        if AUTO_TOKENS == cfg.tokens_per_step or cfg.tile_tokens == AUTO_TILE:
+            from fastdpo.planner.api import resolve_auto
 
-            self.config = cfg = auto_tokens_per_step(cfg, self.device, getattr(model, "config", None))
+            self.config = cfg = resolve_auto(cfg, self.device, getattr(model, "config", None))
         auto_dtype = "bf16" if self.device.type == "cuda" else "fp32"
         self.compute_dtype = DTYPES[auto_dtype if cfg.dtype == "auto" else cfg.dtype]
 
