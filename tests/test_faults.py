@@ -408,14 +408,20 @@ def test_a_diverging_run_skips_steps_then_stops_without_exporting(runs):
     assert not (result["out"] / "final").exists()
 
 
-if __name__ == "__main__":
+def _driver_main(drive) -> None:  # noqa: ANN001
+    """The driver subprocess: runs each ``{label: (case, options)}`` of argv[1] through ``drive`` and prints
+    the results as one JSON line (a case that raises is recorded, so only its own test fails)."""
     import torch
 
     torch.set_num_threads(1)
     results = {}
     for label, (case, options) in json.loads(sys.argv[1]).items():
         try:
-            results[label] = _drive(case, options)
-        except Exception:  # recorded, so that the other cases still run and only this one's test fails
+            results[label] = drive(case, options)
+        except Exception:
             results[label] = {"log": "", "error": traceback.format_exc()}
     print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _driver_main(_drive)

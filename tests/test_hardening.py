@@ -13,12 +13,21 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_faults import _case, _child, _cli, _options, _run_driver, _slow_cli, _wait, _write_config
+from test_faults import (
+    _case,
+    _child,
+    _cli,
+    _driver_main,
+    _options,
+    _run_driver,
+    _slow_cli,
+    _wait,
+    _write_config,
+)
 from test_trainer import assets  # noqa: F401  (a fixture: tiny Llama, tokenizer, 96 addition pairs)
 
 # ---------------------------------------------------------------------- the driver (runs in a subprocess)
@@ -413,15 +422,4 @@ def test_a_reused_cache_entry_is_checked_against_its_key_and_sha256(runs):
 
 
 if __name__ == "__main__":
-    import torch
-
-    torch.set_num_threads(1)
-    results = {}
-    for label, (case, options) in json.loads(sys.argv[1]).items():
-        try:
-            results[label] = _drive(case, options)
-        except Exception:  # recorded, so that the other cases still run and only this one's test fails
-            import traceback
-
-            results[label] = {"log": "", "error": traceback.format_exc()}
-    print(json.dumps(results))
+    _driver_main(_drive)
