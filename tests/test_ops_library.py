@@ -230,8 +230,8 @@ def _compare_compiled(step, batches):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"loss_type": ["ipo", "sigmoid"], "rpo_alpha": 0.5, "ld_alpha": 0.7}],
-    ids=["sigmoid", "mix"],
+    [{}, {"loss_type": ["ipo", "sigmoid"], "rpo_alpha": 0.5, "ld_alpha": 0.7}, {"stats": True}],
+    ids=["sigmoid", "mix", "stats"],
 )
 def test_compiled_dpo_step_equals_eager(options):
     from fastdpo import FusedLinearDPOLoss
@@ -240,7 +240,9 @@ def test_compiled_dpo_step_equals_eager(options):
 
     def step(hidden, weight, labels, ref_chosen, ref_rejected):
         out = loss_fn(hidden, weight, labels, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected)
-        return out.loss, out.losses, out.chosen_rewards, out.rejected_logps
+        stats = tuple(out.token_stats) if out.token_stats is not None else ()
+        metrics = (out.metrics, out.pair_metrics, stats)
+        return out.loss, out.losses, out.chosen_rewards, out.rejected_logps, *metrics
 
     batches = []
     # Sizes all distinct, so that no two dimensions are guarded equal (duck sizing) and recompiled.
@@ -251,17 +253,19 @@ def test_compiled_dpo_step_equals_eager(options):
     _compare_compiled(step, batches)
 
 
-def test_compiled_kto_step_equals_eager():
+@pytest.mark.parametrize("stats", [False, True])
+def test_compiled_kto_step_equals_eager(stats):
     from fastdpo import FusedLinearKTOLoss
 
-    loss_fn = FusedLinearKTOLoss(backend="torch", beta=0.2)
+    loss_fn = FusedLinearKTOLoss(backend="torch", beta=0.2, stats=stats)
 
     def step(hidden, weight, labels, kl_hidden, desirable, ref, kl_ref):
         out = loss_fn(
             hidden, weight, labels, preference_labels=desirable, ref_logps=ref, kl_hidden=kl_hidden,
             kl_labels=labels, kl_ref_logps=kl_ref,
         )  # fmt: skip
-        return out.loss, out.losses, out.rewards, out.kl
+        token_stats = tuple(out.token_stats) if out.token_stats is not None else ()
+        return out.loss, out.losses, out.rewards, out.kl, out.metrics, token_stats
 
     batches = []
     for seqs, t in ((5, 11), (7, 14)):
