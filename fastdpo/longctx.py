@@ -14,8 +14,9 @@ At half a million tokens the decoder's memory is not the weights but what one la
   CUDA, copied on a side stream) and comes back one layer ahead: when layer ``i`` is recomputed, layer
   ``i - 1``'s input starts its copy back on the side stream.
 
-On the meta device (``fastdpo plan``) everything runs the same code; "host" copies are meta tensors made
-under :func:`fastdpo.memtrack.host_allocation`, so the live-bytes tracker counts them as host memory.
+On the meta device (``fastdpo plan``) everything runs the same code, except that a tiled call skips the
+tiles whose memory repeats an earlier one's; "host" copies are meta tensors made under
+:func:`fastdpo.memtrack.host_allocation`, so the live-bytes tracker counts them as host memory.
 """
 
 from __future__ import annotations
